@@ -1,0 +1,71 @@
+"""Every use of MLflow that is not plain public API lives here, behind a contract test.
+
+`set_span_in_context` / `detach_span_from_context` and the in-memory trace manager are private
+but used by MLflow's own integrations; the supported version range is pinned in pyproject.toml
+and tests/test_mlflow_contract.py fails first if they move.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from mlflow.entities import SpanStatusCode
+from mlflow.entities.span import NO_OP_SPAN_TRACE_ID, LiveSpan
+from mlflow.tracing.provider import detach_span_from_context, set_span_in_context
+from mlflow.tracing.trace_manager import InMemoryTraceManager
+
+__all__ = [
+    "LiveSpan",
+    "attach",
+    "detach",
+    "end_span",
+    "set_experiment_destination",
+    "start_root_span",
+]
+
+
+def start_root_span(
+    name: str,
+    *,
+    inputs: dict[str, Any],
+    metadata: dict[str, str],
+    tags: dict[str, str],
+    client_request_id: str,
+) -> LiveSpan | None:
+    """A recording root span with its trace fields set in one go, or None (sampled out, disabled)."""
+    span = mlflow.start_span_no_context(name, inputs=inputs, metadata=metadata, tags=tags)
+    if span.trace_id == NO_OP_SPAN_TRACE_ID:
+        return None
+    with InMemoryTraceManager.get_instance().get_trace(span.trace_id) as trace:
+        if trace is not None:
+            trace.info.client_request_id = client_request_id
+    return span
+
+
+def attach(span: LiveSpan) -> Any:
+    return set_span_in_context(span)
+
+
+def detach(token: Any) -> None:
+    detach_span_from_context(token)
+
+
+def end_span(
+    span: LiveSpan, *, name: str, status_code: int | None, error: BaseException | None
+) -> None:
+    span._span.update_name(name)
+    if status_code is not None:
+        span.set_outputs({"status_code": status_code})
+    if error is not None:
+        span.record_exception(error if isinstance(error, Exception) else repr(error))
+    failed = error is not None or (status_code is not None and status_code >= 500)
+    span.end(status=SpanStatusCode.ERROR if failed else SpanStatusCode.OK)
+
+
+def set_experiment_destination(experiment_id: str) -> None:
+    """Export to this experiment; makes no network call (the slim package needs it at start-up)."""
+    from mlflow.entities.trace_location import MlflowExperimentLocation
+    from mlflow.tracing import set_destination
+
+    set_destination(MlflowExperimentLocation(experiment_id=experiment_id))

@@ -1,0 +1,147 @@
+"""Pure ASGI middleware (FastAPI, Starlette, any ASGI app). Only `http` scopes are traced.
+
+The span opens before the app runs and ends with the last body message, so a streamed response
+is covered whole while its `X-Trace-ID` leaves with the headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from contextvars import ContextVar
+from typing import Any
+
+from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.mapper import RequestView
+from mlflow_ctx_mw.span import RequestSpan, configure_destination
+
+__all__ = ["MlflowContextMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_FINAL = frozenset({"http.response.pathsend", "http.response.zerocopysend"})
+
+# Headers for a 500 that an outer error middleware builds after the exception left us.
+_error_headers: ContextVar[list[tuple[bytes, bytes]] | None] = ContextVar(
+    "mlflow_ctx_mw_error_headers", default=None
+)
+
+
+class MlflowContextMiddleware:
+    """`app.add_middleware(MlflowContextMiddleware, **options)` or `MlflowContextMiddleware(app)`."""
+
+    def __init__(self, app: ASGIApp, options: Options | None = None, **kwargs: Any) -> None:
+        self.app = app
+        self.options = Options.build(options, **kwargs)
+        configure_destination(self.options)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                _wrap_error_middleware(scope)
+            await self.app(scope, receive, send)
+            return
+        _wrap_error_middleware(scope)
+        rs = RequestSpan.open(self.options, _view(scope))
+        if rs is None:
+            await self.app(scope, receive, send)
+            return
+        root_path = scope.get("root_path", "")
+
+        async def send_with_context(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                rs.status_code = message["status"]
+                message = {**message, "headers": _add_headers(message.get("headers", ()), rs)}
+            await send(message)
+            if kind in _FINAL or (kind == "http.response.body" and not message.get("more_body")):
+                rs.route = _route(scope, root_path)
+                rs.finish()
+
+        rs.attach()
+        try:
+            await self.app(scope, receive, send_with_context)
+        except BaseException as exc:
+            if rs.status_code is None and (slot := _error_headers.get()) is not None:
+                slot.extend(_add_headers((), rs))
+            rs.route = _route(scope, root_path)
+            rs.finish(exc)
+            raise
+        finally:
+            rs.detach()
+            # The app returned without completing the body (client gone, broken app).
+            rs.route = _route(scope, root_path)
+            rs.finish()
+
+
+def _view(scope: Scope) -> RequestView:
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers", ()):
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return RequestView(
+        method=scope.get("method", "GET"),
+        path=scope.get("path", ""),
+        query_string=scope.get("query_string", b"").decode("latin-1"),
+        headers=headers,
+        native=scope,
+    )
+
+
+def _route(scope: Scope, root_path: str) -> str | None:
+    """The matched route template (Starlette's router writes it into the shared scope)."""
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    if not isinstance(template, str):
+        return None
+    mount = scope.get("root_path", "")[len(root_path) :]
+    return f"{mount}{template}"
+
+
+def _add_headers(headers: Any, rs: RequestSpan) -> list[tuple[bytes, bytes]]:
+    decoded = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in rs.apply_headers(decoded)]
+
+
+def _wrap_error_middleware(scope: Scope) -> None:
+    """Inside a Starlette app, put a thin shim around its stack so its 500 carries X-Trace-ID.
+
+    `add_middleware` places us inside ServerErrorMiddleware, which builds the 500 after the
+    exception has left us (starlette #1175). The shim adds the headers we leave in a ContextVar.
+    """
+    app = scope.get("app")
+    stack = getattr(app, "middleware_stack", None)
+    if stack is None or isinstance(stack, _ErrorResponseHeaders):
+        return
+    try:
+        app.middleware_stack = _ErrorResponseHeaders(stack)  # type: ignore[union-attr]
+    except Exception:  # a read-only or unusual app: the 500 just goes without our headers
+        pass
+
+
+class _ErrorResponseHeaders:
+    __slots__ = ("app",)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        slot: list[tuple[bytes, bytes]] = []
+        token = _error_headers.set(slot)
+
+        async def send_with_headers(message: Message) -> None:
+            if slot and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *slot]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            _error_headers.reset(token)

@@ -1,0 +1,141 @@
+"""Django middleware: add "mlflow_ctx_mw.django.MlflowContextMiddleware" to MIDDLEWARE.
+
+Options come from the optional `settings.MLFLOW_CTX` dict (same keys as everywhere). The
+middleware is both sync- and async-capable, so Django never adapts it and async views stay async.
+Place it after AuthenticationMiddleware if a user resolver needs `request.user`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.http import HttpRequest, HttpResponseBase
+
+from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.mapper import RequestView
+from mlflow_ctx_mw.span import RequestSpan, configure_destination
+
+__all__ = ["MlflowContextMiddleware"]
+
+_ATTR = "_mlflow_ctx_span"
+
+
+class MlflowContextMiddleware:
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.options = Options.build(getattr(settings, "MLFLOW_CTX", None))
+        configure_destination(self.options)
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        rs = self._open(request)
+        if rs is None:
+            return self.get_response(request)
+        rs.attach()
+        try:
+            response = self.get_response(request)
+        except BaseException as exc:
+            _finish(rs, request, None, exc)
+            raise
+        finally:
+            rs.detach()
+        return _respond(rs, request, response)
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        rs = self._open(request)
+        if rs is None:
+            return await self.get_response(request)  # type: ignore[no-any-return]
+        rs.attach()
+        try:
+            response = await self.get_response(request)
+        except BaseException as exc:
+            _finish(rs, request, None, exc)
+            raise
+        finally:
+            rs.detach()
+        return _respond(rs, request, response)
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> None:
+        """Django turns a view's exception into a 500 before we see it; keep it for the span."""
+        rs = getattr(request, _ATTR, None)
+        if rs is not None:
+            rs.error = exception
+
+    def _open(self, request: HttpRequest) -> RequestSpan | None:
+        rs = RequestSpan.open(
+            self.options,
+            RequestView(
+                method=request.method or "GET",
+                path=request.path,
+                query_string=request.META.get("QUERY_STRING", ""),
+                headers=request.headers,
+                native=request,
+            ),
+        )
+        if rs is not None:
+            setattr(request, _ATTR, rs)
+        return rs
+
+
+def _route(request: HttpRequest) -> str | None:
+    match = getattr(request, "resolver_match", None)
+    route = getattr(match, "route", None)
+    if not route:
+        return None
+    return route if route.startswith("/") else f"/{route}"
+
+
+def _finish(rs: RequestSpan, request: HttpRequest, status: int | None, error: BaseException | None = None) -> None:
+    rs.status_code = status
+    rs.route = _route(request)
+    rs.finish(error)
+
+
+def _respond(rs: RequestSpan, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+    for name, value in rs.apply_headers(response.items()):
+        response[name] = value
+    if not response.streaming:
+        _finish(rs, request, response.status_code)
+        return response
+    # The body is consumed after we return: keep the span current while it is produced and end
+    # it when the server closes the response (after the last chunk or a client disconnect).
+    rs.status_code = response.status_code
+    content = response.streaming_content  # type: ignore[attr-defined]
+    if getattr(response, "is_async", False):
+        response.streaming_content = _aiter_attached(rs, content)  # type: ignore[attr-defined]
+    else:
+        response.streaming_content = _iter_attached(rs, content)  # type: ignore[attr-defined]
+    response._resource_closers.append(lambda: _finish(rs, request, response.status_code))
+    return response
+
+
+def _iter_attached(rs: RequestSpan, content: Iterator[bytes]) -> Iterator[bytes]:
+    chunks = iter(content)
+    while True:
+        try:
+            chunk = rs.next_chunk(chunks)
+        except StopIteration:
+            return
+        yield chunk
+
+
+async def _aiter_attached(rs: RequestSpan, content: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    chunks = aiter(content)
+    while True:
+        try:
+            chunk = await rs.anext_chunk(chunks)
+        except StopAsyncIteration:
+            return
+        yield chunk
+
+

@@ -1,0 +1,135 @@
+"""The framework-free core: an HTTP request (headers, environment) -> MLflow trace context.
+
+Header values are client input. Ids are accepted only when they are printable and within MLflow's
+own column limits; free-form values are stripped of control characters and capped. Nothing here
+raises on bad input: a bad value is dropped (or, for the request id, replaced by a fresh one).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlflow_ctx_mw._logonce import log_once
+from mlflow_ctx_mw.config import Options
+
+__all__ = [
+    "MAX_ID_LENGTH",
+    "MAX_METADATA_LENGTH",
+    "MAX_TAG_LENGTH",
+    "RequestContext",
+    "RequestView",
+    "build_context",
+    "clean_id",
+    "clean_text",
+]
+
+#: client_request_id is stored in a 50-character column; session/user ids are metadata (250).
+MAX_ID_LENGTH = 50
+MAX_METADATA_LENGTH = 250
+MAX_TAG_LENGTH = 1000
+SESSION_KEY = "mlflow.trace.session"
+USER_KEY = "mlflow.trace.user"
+
+_PRINTABLE_ID = re.compile(r"^[\x21-\x7e]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+logger = logging.getLogger("mlflow_ctx_mw")
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """A framework-neutral look at one request, given to user hooks."""
+
+    method: str
+    path: str
+    query_string: str
+    #: Case-insensitive or lower-case-keyed header mapping.
+    headers: Mapping[str, str]
+    #: The framework's own request object (ASGI scope, WSGI environ, Django HttpRequest).
+    native: Any = None
+
+
+@dataclass
+class RequestContext:
+    """Everything the span needs for one request, decided before the app runs."""
+
+    request_id: str
+    request_id_generated: bool
+    metadata: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    session_id: str | None = None
+    user_id: str | None = None
+
+
+def clean_id(value: str | None, limit: int) -> str | None:
+    """An id as given, or None when it is empty, too long or not printable ASCII."""
+    if not value:
+        return None
+    value = value.strip()
+    if 0 < len(value) <= limit and _PRINTABLE_ID.match(value):
+        return value
+    return None
+
+
+def clean_text(value: str | None, limit: int) -> str | None:
+    """Free text without control characters or lone surrogates, cut to `limit`."""
+    if not value:
+        return None
+    value = _CONTROL.sub(" ", value).strip()
+    value = value.encode("utf-8", "replace").decode("utf-8")[:limit]
+    return value or None
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def build_context(options: Options, view: RequestView) -> RequestContext:
+    headers = view.headers
+    given = clean_id(headers.get(options.request_id_header.lower()), MAX_ID_LENGTH)
+    ctx = RequestContext(
+        request_id=given or new_request_id(),
+        request_id_generated=given is None,
+    )
+    metadata = ctx.metadata
+    metadata.update(options.env_values)
+    metadata.update(options.static_metadata)
+    ctx.tags.update(options.static_tags)
+    for header, key in options.header_metadata.items():
+        if (value := clean_text(headers.get(header), MAX_METADATA_LENGTH)) is not None:
+            metadata[key] = value
+    for header, key in options.header_tags.items():
+        if (value := clean_text(headers.get(header), MAX_TAG_LENGTH)) is not None:
+            ctx.tags[key] = value
+    if options.request_hook is not None:
+        _apply_hook(options, view, ctx)
+    ctx.session_id = clean_id(headers.get(options.session_id_header.lower()), MAX_METADATA_LENGTH)
+    ctx.user_id = clean_id(headers.get(options.user_id_header.lower()), MAX_METADATA_LENGTH)
+    if ctx.session_id is not None:
+        metadata[SESSION_KEY] = ctx.session_id
+    if ctx.user_id is not None:
+        metadata[USER_KEY] = ctx.user_id
+    return ctx
+
+
+def _apply_hook(options: Options, view: RequestView, ctx: RequestContext) -> None:
+    """A user hook may fail or return junk; the request goes on with what is valid."""
+    try:
+        extra = options.request_hook(view) if options.request_hook else None
+        if not extra:
+            return
+        for section, target, limit in (
+            ("metadata", ctx.metadata, MAX_METADATA_LENGTH),
+            ("tags", ctx.tags, MAX_TAG_LENGTH),
+        ):
+            for key, value in (extra.get(section) or {}).items():
+                if isinstance(key, str) and key and value is not None:
+                    if (text := clean_text(str(value), limit)) is not None:
+                        target[key[:MAX_METADATA_LENGTH]] = text
+    except Exception:
+        log_once("request_hook", "request_hook failed; the request goes on without its fields")

@@ -1,0 +1,174 @@
+"""The lifecycle of one request's root span, shared by every adapter.
+
+Adapters call open -> attach -> (app runs) -> detach -> finish. Every step is fail-open: a
+failure in MLflow or here is logged once and the request is served as if untraced.
+Request state lives on this per-request object, never on the (shared) middleware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import TypeVar
+
+from mlflow_ctx_mw import _mlflow
+from mlflow_ctx_mw._logonce import log_once
+from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.mapper import RequestContext, RequestView, build_context
+
+__all__ = ["RequestSpan", "configure_destination", "merge_header_list"]
+
+MAX_NAME_PATH = 200
+_T = TypeVar("_T")
+_EXPOSE_NAME = "Access-Control-Expose-Headers"
+_EXPOSE = _EXPOSE_NAME.lower()
+
+
+def merge_header_list(existing: str | None, names: list[str]) -> str:
+    """Add `names` to a comma-separated header value, keeping what is there (case-insensitive)."""
+    items = [item.strip() for item in (existing or "").split(",") if item.strip()]
+    have = {item.lower() for item in items}
+    if "*" not in have:
+        items.extend(name for name in names if name.lower() not in have)
+    return ", ".join(items)
+
+
+class RequestSpan:
+    """One request: its context, its root span (if recording) and the headers to answer with."""
+
+    __slots__ = (
+        "context", "span", "trace_id", "status_code", "route", "error",
+        "_method", "_path", "_token", "_options", "_done",
+    )
+
+    def __init__(self, options: Options, context: RequestContext, method: str, path: str) -> None:
+        self._options = options
+        self.context = context
+        self._method = method
+        self._path = path
+        self._token: object = None
+        self._done = False
+        self.span: _mlflow.LiveSpan | None = None
+        self.trace_id: str | None = None
+        #: Set by the adapter as the response goes out; read when the span ends.
+        self.status_code: int | None = None
+        self.route: str | None = None
+        self.error: BaseException | None = None
+
+    @classmethod
+    def open(cls, options: Options, view: RequestView) -> RequestSpan | None:
+        """Map the request and start its root span; None if our own code failed."""
+        try:
+            context = build_context(options, view)
+            rs = cls(options, context, view.method, view.path)
+        except Exception:
+            log_once("map", "mlflow_ctx_mw could not map a request; serving it untraced")
+            return None
+        try:
+            inputs = {"method": view.method, "path": view.path, "query_string": view.query_string}
+            rs.span = _mlflow.start_root_span(
+                rs._name(None),
+                inputs=inputs,
+                metadata=context.metadata,
+                tags=context.tags,
+                client_request_id=context.request_id,
+            )
+            rs.trace_id = rs.span.trace_id if rs.span is not None else None
+        except Exception:
+            log_once("start", "MLflow could not start a request span; serving untraced")
+            rs.span = None
+        return rs
+
+    def attach(self) -> None:
+        """Make the root span current so handler code (@mlflow.trace, update_current_trace) joins it."""
+        if self.span is None:
+            return
+        try:
+            self._token = _mlflow.attach(self.span)
+        except Exception:
+            log_once("attach", "MLflow could not make the request span current")
+
+    def detach(self) -> None:
+        """Undo attach(); must run in the same context that attached."""
+        token, self._token = self._token, None
+        if token is None:
+            return
+        try:
+            _mlflow.detach(token)
+        except Exception:
+            log_once("detach", "MLflow could not detach the request span")
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        """Headers to add to the response: trace id, echoed request id."""
+        options = self._options
+        headers: list[tuple[str, str]] = []
+        if self.trace_id is not None:
+            headers.append((options.trace_id_header, self.trace_id))
+        if options.echo_request_id:
+            headers.append((options.request_id_header, self.context.request_id))
+        return headers
+
+    def apply_headers(self, headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Response headers with ours set and Access-Control-Expose-Headers merged, not replaced."""
+        headers = list(headers)
+        ours = self.response_headers()
+        names = {name.lower() for name, _ in ours}
+        if self._options.expose_headers:
+            names.add(_EXPOSE)
+        out = [(name, value) for name, value in headers if name.lower() not in names]
+        if self._options.expose_headers:
+            existing = ", ".join(value for name, value in headers if name.lower() == _EXPOSE)
+            out.append((_EXPOSE_NAME, merge_header_list(existing, [name for name, _ in ours])))
+        out.extend(ours)
+        return out
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """End the span once: ERROR on an exception or a 5xx, named after the route template."""
+        if self._done:
+            return
+        self._done = True
+        if self.span is None:
+            return
+        error = error or self.error
+        status = self.status_code if self.status_code is not None or error is None else 500
+        try:
+            _mlflow.end_span(self.span, name=self._name(self.route), status_code=status, error=error)
+        except Exception:
+            log_once("end", "MLflow could not end a request span")
+
+    def next_chunk(self, chunks: Iterator[_T]) -> _T:
+        """next(chunks) with the span current: a streamed body runs after the adapter returned."""
+        self.attach()
+        try:
+            return next(chunks)
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            self.finish(exc)
+            raise
+        finally:
+            self.detach()
+
+    async def anext_chunk(self, chunks: AsyncIterator[_T]) -> _T:
+        self.attach()
+        try:
+            return await chunks.__anext__()
+        except StopAsyncIteration:
+            raise
+        except BaseException as exc:
+            self.finish(exc)
+            raise
+        finally:
+            self.detach()
+
+    def _name(self, route: str | None) -> str:
+        return f"{self._method} {route or self._path[:MAX_NAME_PATH]}"
+
+
+def configure_destination(options: Options) -> None:
+    """Called once when a middleware is built; never raises."""
+    if options.experiment_id is None:
+        return
+    try:
+        _mlflow.set_experiment_destination(options.experiment_id)
+    except Exception:
+        log_once("destination", "MLflow rejected experiment_id; traces go where MLflow decides")

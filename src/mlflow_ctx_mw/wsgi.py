@@ -1,0 +1,107 @@
+"""WSGI middleware (Flask, any WSGI app): `app.wsgi_app = MlflowContextMiddleware(app.wsgi_app)`.
+
+The span ends when the server closes the response iterable, so streamed bodies are covered.
+A streamed body is iterated after the app returned, outside our context: each chunk is produced
+with the root span re-attached, so @mlflow.trace code inside a generator still nests under it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from werkzeug.datastructures import EnvironHeaders
+
+from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.mapper import RequestView
+from mlflow_ctx_mw.span import RequestSpan, configure_destination
+
+__all__ = ["MlflowContextMiddleware"]
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+class MlflowContextMiddleware:
+    def __init__(self, app: WSGIApp, options: Options | None = None, **kwargs: Any) -> None:
+        self.app = app
+        self.options = Options.build(options, **kwargs)
+        configure_destination(self.options)
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        rs = RequestSpan.open(self.options, _view(environ))
+        if rs is None:
+            return self.app(environ, start_response)
+
+        def start_response_with_context(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+            code = status.split(" ", 1)[0]
+            rs.status_code = int(code) if code.isdigit() else None
+            return start_response(status, rs.apply_headers(headers), *exc_info)
+
+        rs.attach()
+        try:
+            body = self.app(environ, start_response_with_context)
+        except BaseException as exc:
+            rs.route = _route(environ)
+            rs.finish(exc)
+            raise
+        finally:
+            rs.detach()
+        if isinstance(body, (list, tuple)) or _is_file_wrapper(environ, body):
+            # Already complete, or a file the server may send natively: keep it intact.
+            rs.route = _route(environ)
+            rs.finish()
+            return body
+        return _ClosingBody(body, rs, environ)
+
+
+class _ClosingBody:
+    """Passes the body through chunk by chunk; ends the span on close() (PEP 3333 guarantees it)."""
+
+    __slots__ = ("_body", "_chunks", "_rs", "_environ")
+
+    def __init__(self, body: Iterable[bytes], rs: RequestSpan, environ: Environ) -> None:
+        self._body = body
+        self._chunks: Iterator[bytes] | None = None
+        self._rs = rs
+        self._environ = environ
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._chunks is None:
+            self._chunks = iter(self._body)
+        return self._rs.next_chunk(self._chunks)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._rs.route = _route(self._environ)
+            self._rs.finish()
+
+
+def _is_file_wrapper(environ: Environ, body: object) -> bool:
+    wrapper = environ.get("wsgi.file_wrapper")
+    return isinstance(wrapper, type) and isinstance(body, wrapper)
+
+
+def _view(environ: Environ) -> RequestView:
+    return RequestView(
+        method=environ.get("REQUEST_METHOD", "GET"),
+        path=environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
+        query_string=environ.get("QUERY_STRING", ""),
+        headers=EnvironHeaders(environ),
+        native=environ,
+    )
+
+
+def _route(environ: Environ) -> str | None:
+    """Flask/werkzeug's matched rule, when the app parsed a request of this environ."""
+    request = environ.get("werkzeug.request")
+    rule = getattr(getattr(request, "url_rule", None), "rule", None)
+    return rule if isinstance(rule, str) else None
