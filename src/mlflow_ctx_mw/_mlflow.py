@@ -7,6 +7,7 @@ and tests/test_mlflow_contract.py fails first if they move.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any
 
 import mlflow
@@ -33,8 +34,16 @@ def start_root_span(
     tags: dict[str, str],
     client_request_id: str,
 ) -> LiveSpan | None:
-    """A recording root span with its trace fields set in one go, or None (sampled out, disabled)."""
-    span = mlflow.start_span_no_context(name, inputs=inputs, metadata=metadata, tags=tags)
+    """A recording root span with its trace fields set in one go, or None (sampled out, disabled).
+
+    MLflow parents a "detached" span on whatever span is current. A request must never join a
+    stale trace (a span leaked by other code), so then it starts in an empty context instead.
+    """
+    start = mlflow.start_span_no_context
+    if mlflow.get_current_active_span() is None:
+        span = start(name, inputs=inputs, metadata=metadata, tags=tags)
+    else:
+        span = contextvars.Context().run(start, name, inputs=inputs, metadata=metadata, tags=tags)
     if span.trace_id == NO_OP_SPAN_TRACE_ID:
         return None
     with InMemoryTraceManager.get_instance().get_trace(span.trace_id) as trace:
@@ -51,9 +60,7 @@ def detach(token: Any) -> None:
     detach_span_from_context(token)
 
 
-def end_span(
-    span: LiveSpan, *, name: str, status_code: int | None, error: BaseException | None
-) -> None:
+def end_span(span: LiveSpan, *, name: str, status_code: int | None, error: BaseException | None) -> None:
     span._span.update_name(name)
     if status_code is not None:
         span.set_outputs({"status_code": status_code})

@@ -6,6 +6,7 @@ is covered whole while its `X-Trace-ID` leaves with the headers.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
@@ -117,10 +118,9 @@ def _wrap_error_middleware(scope: Scope) -> None:
     stack = getattr(app, "middleware_stack", None)
     if stack is None or isinstance(stack, _ErrorResponseHeaders):
         return
-    try:
+    # A read-only or unusual app: its 500 just goes out without our headers.
+    with contextlib.suppress(Exception):
         app.middleware_stack = _ErrorResponseHeaders(stack)  # type: ignore[union-attr]
-    except Exception:  # a read-only or unusual app: the 500 just goes without our headers
-        pass
 
 
 class _ErrorResponseHeaders:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mlflow_ctx_mw.mapper import RequestView
 
-__all__ = ["DEFAULT_ENV_METADATA", "Options", "OptionsError", "SENSITIVE_HEADERS"]
+__all__ = ["DEFAULT_ENV_METADATA", "SENSITIVE_HEADERS", "Options", "OptionsError"]
 
 #: Environment variable -> trace metadata key, read once at start-up, written only when set.
 DEFAULT_ENV_METADATA: Mapping[str, str] = MappingProxyType(
@@ -30,9 +30,7 @@ DEFAULT_ENV_METADATA: Mapping[str, str] = MappingProxyType(
 )
 
 #: Headers that carry credentials: they may never be mapped into a trace.
-SENSITIVE_HEADERS = frozenset(
-    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"}
-)
+SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
 
 # RFC 9110 token: what a header field name may be.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")

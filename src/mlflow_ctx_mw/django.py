@@ -95,7 +95,9 @@ def _route(request: HttpRequest) -> str | None:
     return route if route.startswith("/") else f"/{route}"
 
 
-def _finish(rs: RequestSpan, request: HttpRequest, status: int | None, error: BaseException | None = None) -> None:
+def _finish(
+    rs: RequestSpan, request: HttpRequest, status: int | None, error: BaseException | None = None
+) -> None:
     rs.status_code = status
     rs.route = _route(request)
     rs.finish(error)
@@ -137,5 +139,3 @@ async def _aiter_attached(rs: RequestSpan, content: AsyncIterator[bytes]) -> Asy
         except StopAsyncIteration:
             return
         yield chunk
-
-

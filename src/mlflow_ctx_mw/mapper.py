@@ -128,8 +128,8 @@ def _apply_hook(options: Options, view: RequestView, ctx: RequestContext) -> Non
             ("tags", ctx.tags, MAX_TAG_LENGTH),
         ):
             for key, value in (extra.get(section) or {}).items():
-                if isinstance(key, str) and key and value is not None:
-                    if (text := clean_text(str(value), limit)) is not None:
-                        target[key[:MAX_METADATA_LENGTH]] = text
+                text = clean_text(str(value), limit) if value is not None else None
+                if isinstance(key, str) and key and text is not None:
+                    target[key[:MAX_METADATA_LENGTH]] = text
     except Exception:
         log_once("request_hook", "request_hook failed; the request goes on without its fields")

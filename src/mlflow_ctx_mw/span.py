@@ -36,8 +36,17 @@ class RequestSpan:
     """One request: its context, its root span (if recording) and the headers to answer with."""
 
     __slots__ = (
-        "context", "span", "trace_id", "status_code", "route", "error",
-        "_method", "_path", "_token", "_options", "_done",
+        "_done",
+        "_method",
+        "_options",
+        "_path",
+        "_token",
+        "context",
+        "error",
+        "route",
+        "span",
+        "status_code",
+        "trace_id",
     )
 
     def __init__(self, options: Options, context: RequestContext, method: str, path: str) -> None:

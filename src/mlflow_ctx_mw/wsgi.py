@@ -37,20 +37,22 @@ class MlflowContextMiddleware:
         def start_response_with_context(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
             code = status.split(" ", 1)[0]
             rs.status_code = int(code) if code.isdigit() else None
+            # Flask clears environ["werkzeug.request"] when its request context pops: read now.
+            rs.route = _route(environ)
             return start_response(status, rs.apply_headers(headers), *exc_info)
 
         rs.attach()
         try:
             body = self.app(environ, start_response_with_context)
         except BaseException as exc:
-            rs.route = _route(environ)
+            rs.route = rs.route or _route(environ)
             rs.finish(exc)
             raise
         finally:
             rs.detach()
         if isinstance(body, (list, tuple)) or _is_file_wrapper(environ, body):
             # Already complete, or a file the server may send natively: keep it intact.
-            rs.route = _route(environ)
+            rs.route = rs.route or _route(environ)
             rs.finish()
             return body
         return _ClosingBody(body, rs, environ)
@@ -59,7 +61,7 @@ class MlflowContextMiddleware:
 class _ClosingBody:
     """Passes the body through chunk by chunk; ends the span on close() (PEP 3333 guarantees it)."""
 
-    __slots__ = ("_body", "_chunks", "_rs", "_environ")
+    __slots__ = ("_body", "_chunks", "_environ", "_rs")
 
     def __init__(self, body: Iterable[bytes], rs: RequestSpan, environ: Environ) -> None:
         self._body = body
@@ -81,7 +83,7 @@ class _ClosingBody:
             if close is not None:
                 close()
         finally:
-            self._rs.route = _route(self._environ)
+            self._rs.route = self._rs.route or _route(self._environ)
             self._rs.finish()
 
 

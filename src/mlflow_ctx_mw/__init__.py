@@ -1,0 +1,7 @@
+"""MLflow trace context for every HTTP request: ASGI, WSGI and Django middleware."""
+
+from mlflow_ctx_mw.config import Options, OptionsError
+from mlflow_ctx_mw.mapper import RequestView
+
+__all__ = ["Options", "OptionsError", "RequestView"]
+__version__ = "0.1.0"

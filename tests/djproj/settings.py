@@ -1,0 +1,15 @@
+"""A minimal Django project for the integration tests: the middleware is one MIDDLEWARE line."""
+
+SECRET_KEY = "tests-only"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+ROOT_URLCONF = "djproj.urls"
+INSTALLED_APPS: list[str] = []
+DATABASES: dict[str, dict[str, str]] = {}
+USE_TZ = True
+MIDDLEWARE = [
+    "django.middleware.common.CommonMiddleware",
+    "mlflow_ctx_mw.django.MlflowContextMiddleware",
+]
+MLFLOW_CTX = {"header_tags": {"X-Tenant": "tenant"}}
+LOGGING_CONFIG = None

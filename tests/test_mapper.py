@@ -1,0 +1,107 @@
+"""The framework-free core: headers and environment -> trace context."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.mapper import (
+    MAX_ID_LENGTH,
+    MAX_METADATA_LENGTH,
+    RequestView,
+    build_context,
+    clean_id,
+    clean_text,
+)
+
+
+def view(**headers: str) -> RequestView:
+    return RequestView("GET", "/x", "", {k.lower().replace("_", "-"): v for k, v in headers.items()})
+
+
+def test_standard_headers() -> None:
+    ctx = build_context(Options(), view(X_Request_ID="r-1", X_Session_ID="s-1", X_User_ID="u-1"))
+    assert ctx.request_id == "r-1" and not ctx.request_id_generated
+    assert ctx.metadata["mlflow.trace.session"] == "s-1"
+    assert ctx.metadata["mlflow.trace.user"] == "u-1"
+
+
+def test_absent_fields_are_not_invented(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("APP_ENVIRONMENT", "APP_VERSION", "DEPLOYMENT_ID", "REGION"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = build_context(Options(), view())
+    assert ctx.metadata == {} and ctx.tags == {}
+    assert ctx.request_id_generated and re.fullmatch(r"[0-9a-f]{32}", ctx.request_id)
+
+
+def test_custom_header_names_and_maps() -> None:
+    options = Options(
+        user_id_header="X-Auth-User",
+        header_metadata={"X-Client-Version": "client_version"},
+        header_tags={"X-Tenant": "tenant"},
+        static_metadata={"team": "search"},
+        static_tags={"service": "chat"},
+    )
+    ctx = build_context(options, view(X_Auth_User="alice", X_Client_Version="ios-3", X_Tenant="acme"))
+    assert ctx.metadata == {"mlflow.trace.user": "alice", "client_version": "ios-3", "team": "search"} | {
+        k: v for k, v in options.env_values.items()
+    }
+    assert ctx.tags == {"tenant": "acme", "service": "chat"}
+
+
+def test_request_hook_adds_fields_and_its_failure_is_contained(caplog: pytest.LogCaptureFixture) -> None:
+    def hook(request: RequestView) -> dict[str, dict[str, str]]:
+        return {"metadata": {"route_kind": request.method.lower()}, "tags": {"flag": "on"}}
+
+    ctx = build_context(Options(request_hook=hook), view())
+    assert ctx.metadata["route_kind"] == "get" and ctx.tags["flag"] == "on"
+
+    def broken(request: RequestView) -> None:
+        raise RuntimeError("hook bug")
+
+    for _ in range(3):
+        ctx = build_context(Options(request_hook=broken), view(X_User_ID="u"))
+        assert ctx.metadata["mlflow.trace.user"] == "u"
+    assert sum("request_hook failed" in r.message for r in caplog.records) <= 1
+
+
+def test_standard_fields_win_over_hook() -> None:
+    ctx = build_context(
+        Options(request_hook=lambda r: {"metadata": {"mlflow.trace.user": "spoofed"}}), view(X_User_ID="real")
+    )
+    assert ctx.metadata["mlflow.trace.user"] == "real"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "   ", "a b", "x" * (MAX_ID_LENGTH + 1), "id\r\nX-Injected: 1", "caf\u00e9", "\udcff", "id\x00"],
+)
+def test_unusable_request_ids_are_replaced(value: str) -> None:
+    ctx = build_context(Options(), view(X_Request_ID=value))
+    assert ctx.request_id_generated and ctx.request_id != value
+
+
+@pytest.mark.parametrize("value", ["0af7651916cd43dd8448eb211c80319c", "req-1/2:3", "x" * MAX_ID_LENGTH, "'"])
+def test_printable_ids_in_many_formats_are_kept(value: str) -> None:
+    assert build_context(Options(), view(X_Request_ID=value)).request_id == value
+
+
+def test_hostile_user_and_session_are_dropped() -> None:
+    ctx = build_context(Options(), view(X_User_ID="u\nX: y", X_Session_ID="s" * (MAX_METADATA_LENGTH + 1)))
+    assert "mlflow.trace.user" not in ctx.metadata and "mlflow.trace.session" not in ctx.metadata
+
+
+def test_clean_text() -> None:
+    assert clean_text("a\x00b\r\nc\x7f", 100) == "a b c"
+    assert clean_text("\udcffok", 100) == "?ok"
+    assert clean_text("x" * 10, 4) == "xxxx"
+    assert clean_text("\x00\x01", 10) is None
+    assert clean_text(None, 10) is None
+
+
+def test_clean_id() -> None:
+    assert clean_id(" abc ", 10) == "abc"
+    assert clean_id("abc", 2) is None
+    assert clean_id(None, 2) is None
