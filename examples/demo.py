@@ -8,8 +8,6 @@ prints what MLflow captured, read back through MLflow's own client.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +21,8 @@ from pathlib import Path
 
 import httpx
 
+from mlflow_ctx_mw.testing import free_port, local_mlflow_server, stopping, wait_http
+
 ROOT = Path(__file__).resolve().parent
 EXPERIMENT = "mlflow-ctx-mw-demo"
 USERS = ("alice", "bob", "carol")
@@ -32,46 +32,14 @@ def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def free_port(preferred: int = 0) -> int:
-    for port in (preferred, 0):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
-    raise RuntimeError("no free port")
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with code {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
-
-
 @contextmanager
 def process(
     args: list[str], *, cwd: Path, env: dict[str, str], log: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("ab") as out:
         proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with stopping(proc):
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def start_apps(stack: ExitStack, tracking_uri: str, workdir: Path) -> dict[str, str]:
@@ -104,7 +72,7 @@ def start_apps(stack: ExitStack, tracking_uri: str, workdir: Path) -> dict[str, 
         procs[name] = stack.enter_context(process(command, cwd=cwd, env=env, log=workdir / f"{name}.log"))
         urls[name] = f"http://127.0.0.1:{port}"
     for name, url in urls.items():
-        wait_ready(f"{url}/health", procs[name])
+        wait_http(f"{url}/health", proc=procs[name])
         say(f"{name} example ready at {url}")
     return urls
 
@@ -206,34 +174,10 @@ def main() -> int:
 
     workdir = Path.cwd() / "demo"
     workdir.mkdir(exist_ok=True)
-    port = free_port(5000)
-    tracking_uri = f"http://127.0.0.1:{port}"
     with ExitStack() as stack:
-        say(f"starting MLflow server on {tracking_uri} (SQLite store: {workdir / 'mlflow.db'})")
-        server = stack.enter_context(
-            process(
-                [
-                    sys.executable,
-                    "-m",
-                    "mlflow",
-                    "server",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--workers",
-                    "1",
-                    "--backend-store-uri",
-                    f"sqlite:///{workdir / 'mlflow.db'}",
-                    "--default-artifact-root",
-                    str(workdir / "artifacts"),
-                ],
-                cwd=workdir,
-                env=dict(os.environ),
-                log=workdir / "mlflow.log",
-            )
-        )
-        wait_ready(f"{tracking_uri}/health", server)
+        say(f"starting MLflow server on 127.0.0.1 (SQLite store: {workdir / 'mlflow.db'})")
+        tracking_uri = stack.enter_context(local_mlflow_server(workdir, 5000))
+        say(f"MLflow server ready at {tracking_uri}")
         mlflow.set_tracking_uri(tracking_uri)
         experiment_id = mlflow.set_experiment(EXPERIMENT).experiment_id
         since_ms = int(time.time() * 1000)
@@ -247,7 +191,7 @@ def main() -> int:
         if sys.stdin.isatty() and os.environ.get("DEMO_NO_WAIT") != "1":
             say("the MLflow UI stays up until you press Ctrl-C")
             try:
-                while server.poll() is None:
+                while True:
                     time.sleep(1)
             except KeyboardInterrupt:
                 print()

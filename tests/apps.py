@@ -13,10 +13,13 @@ import mlflow
 
 STREAM_CHUNKS = 3
 STREAM_DELAY = 0.05
+# The same options everywhere (Django reads them from djproj.settings.MLFLOW_CTX).
+OPTIONS = {"header_tags": {"X-Tenant": "tenant"}, "header_metadata": {"X-Client-Version": "client_version"}}
 
 
 @mlflow.trace(name="lookup")
 def lookup(item_id: int) -> int:
+    mlflow.update_current_trace(tags={"looked_up": str(item_id)})  # handler code updates our trace
     return item_id * 2
 
 
@@ -54,7 +57,7 @@ def fastapi_app() -> object:
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    app.add_middleware(MlflowContextMiddleware)
+    app.add_middleware(MlflowContextMiddleware, **OPTIONS)
     return app
 
 
@@ -92,7 +95,7 @@ def starlette_app() -> object:
         ]
     )
     # Plain Starlette: the middleware wraps the whole app.
-    return MlflowContextMiddleware(app)
+    return MlflowContextMiddleware(app, **OPTIONS)
 
 
 def flask_app() -> object:
@@ -123,5 +126,5 @@ def flask_app() -> object:
 
         return Response(body(), mimetype="text/event-stream")
 
-    app.wsgi_app = MlflowContextMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = MlflowContextMiddleware(app.wsgi_app, **OPTIONS)  # type: ignore[method-assign]
     return app

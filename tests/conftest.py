@@ -7,19 +7,16 @@ through MLflow's own client, exactly what the middleware exported.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+
+from mlflow_ctx_mw.testing import free_port, local_mlflow_server, wait_http
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -37,70 +34,17 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS", "100")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            httpx.get(url, timeout=1.0)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
 @pytest.fixture(scope="session")
-def mlflow_server() -> Iterator[str]:
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`mlflow server` on a SQLite store in a temp dir; tracking URI and experiment point at it."""
     import mlflow
 
-    workdir = Path(tempfile.mkdtemp(prefix="mlflow-ctx-mw-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (workdir / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{workdir / 'mlflow.db'}",
-            "--default-artifact-root",
-            str(workdir / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=workdir,
-    )
-    try:
-        wait_http(f"{url}/health", timeout=120, proc=proc)
+    with local_mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
         os.environ["MLFLOW_TRACKING_URI"] = url
         mlflow.set_tracking_uri(url)
         mlflow.set_experiment(f"tests-{uuid.uuid4().hex[:8]}")
         yield url
         mlflow.flush_trace_async_logging()  # nothing left to send to a server that is going away
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def find_traces(filter_string: str, expected: int = 1, timeout: float = 30.0) -> list:

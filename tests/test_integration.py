@@ -59,6 +59,7 @@ def test_one_trace_with_standard_fields(served: tuple[str, str], handler: int) -
     assert info.trace_metadata["app_version"] == ENV_FIELDS["APP_VERSION"]
     assert info.trace_metadata["deployment_id"] == ENV_FIELDS["DEPLOYMENT_ID"]
     assert info.trace_metadata["region"] == ENV_FIELDS["REGION"]
+    assert info.tags["looked_up"] == "7"
 
     root = root_of(trace)
     assert root.name == f"GET {TEMPLATES[adapter][handler]}"
@@ -127,3 +128,14 @@ def test_unusable_request_id_is_replaced(served: tuple[str, str]) -> None:
     assert generated != bad
     [found] = find_traces(f"metadata.`mlflow.trace.user` = '{user}'")
     assert found.info.client_request_id == generated
+
+
+def test_custom_header_maps_from_options(served: tuple[str, str]) -> None:
+    _, url = served
+    headers = {**ids(), "X-Tenant": "acme", "X-Client-Version": "ios-3.1", "Authorization": "Bearer s3cret"}
+    response = httpx.get(url + "/items/2", headers=headers)
+    trace = get_trace(response.headers["X-Trace-ID"])
+    assert trace.info.tags["tenant"] == "acme"
+    assert trace.info.trace_metadata["client_version"] == "ios-3.1"
+    recorded = repr((trace.info.tags, trace.info.trace_metadata, [s.inputs for s in trace.data.spans]))
+    assert "s3cret" not in recorded

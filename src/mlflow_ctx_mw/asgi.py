@@ -51,6 +51,7 @@ class MlflowContextMiddleware:
             await self.app(scope, receive, send)
             return
         root_path = scope.get("root_path", "")
+        rs.resolve_route = lambda: _route(scope, root_path)
 
         async def send_with_context(message: Message) -> None:
             kind = message["type"]
@@ -59,23 +60,17 @@ class MlflowContextMiddleware:
                 message = {**message, "headers": _add_headers(message.get("headers", ()), rs)}
             await send(message)
             if kind in _FINAL or (kind == "http.response.body" and not message.get("more_body")):
-                rs.route = _route(scope, root_path)
                 rs.finish()
 
-        rs.attach()
         try:
-            await self.app(scope, receive, send_with_context)
-        except BaseException as exc:
+            with rs:
+                await self.app(scope, receive, send_with_context)
+        except BaseException:
             if rs.status_code is None and (slot := _error_headers.get()) is not None:
                 slot.extend(_add_headers((), rs))
-            rs.route = _route(scope, root_path)
-            rs.finish(exc)
             raise
         finally:
-            rs.detach()
-            # The app returned without completing the body (client gone, broken app).
-            rs.route = _route(scope, root_path)
-            rs.finish()
+            rs.finish()  # the app returned without completing the body (client gone, broken app)
 
 
 def _view(scope: Scope) -> RequestView:

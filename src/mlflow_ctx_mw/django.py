@@ -41,29 +41,17 @@ class MlflowContextMiddleware:
         rs = self._open(request)
         if rs is None:
             return self.get_response(request)
-        rs.attach()
-        try:
+        with rs:
             response = self.get_response(request)
-        except BaseException as exc:
-            _finish(rs, request, None, exc)
-            raise
-        finally:
-            rs.detach()
-        return _respond(rs, request, response)
+        return _respond(rs, response)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         rs = self._open(request)
         if rs is None:
             return await self.get_response(request)  # type: ignore[no-any-return]
-        rs.attach()
-        try:
+        with rs:
             response = await self.get_response(request)
-        except BaseException as exc:
-            _finish(rs, request, None, exc)
-            raise
-        finally:
-            rs.detach()
-        return _respond(rs, request, response)
+        return _respond(rs, response)
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> None:
         """Django turns a view's exception into a 500 before we see it; keep it for the span."""
@@ -83,6 +71,7 @@ class MlflowContextMiddleware:
             ),
         )
         if rs is not None:
+            rs.resolve_route = lambda: _route(request)
             setattr(request, _ATTR, rs)
         return rs
 
@@ -95,29 +84,21 @@ def _route(request: HttpRequest) -> str | None:
     return route if route.startswith("/") else f"/{route}"
 
 
-def _finish(
-    rs: RequestSpan, request: HttpRequest, status: int | None, error: BaseException | None = None
-) -> None:
-    rs.status_code = status
-    rs.route = _route(request)
-    rs.finish(error)
-
-
-def _respond(rs: RequestSpan, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+def _respond(rs: RequestSpan, response: HttpResponseBase) -> HttpResponseBase:
     for name, value in rs.apply_headers(response.items()):
         response[name] = value
+    rs.status_code = response.status_code
     if not response.streaming:
-        _finish(rs, request, response.status_code)
+        rs.finish()
         return response
     # The body is consumed after we return: keep the span current while it is produced and end
     # it when the server closes the response (after the last chunk or a client disconnect).
-    rs.status_code = response.status_code
     content = response.streaming_content  # type: ignore[attr-defined]
     if getattr(response, "is_async", False):
         response.streaming_content = _aiter_attached(rs, content)  # type: ignore[attr-defined]
     else:
         response.streaming_content = _iter_attached(rs, content)  # type: ignore[attr-defined]
-    response._resource_closers.append(lambda: _finish(rs, request, response.status_code))
+    response._resource_closers.append(rs.finish)
     return response
 
 

@@ -1,13 +1,15 @@
 """The lifecycle of one request's root span, shared by every adapter.
 
-Adapters call open -> attach -> (app runs) -> detach -> finish. Every step is fail-open: a
-failure in MLflow or here is logged once and the request is served as if untraced.
+Adapters open it, run the app inside `with rs:` (span current; an exception ends it as ERROR and
+propagates unchanged), set `status_code` as the response starts and call `finish()` when the body
+is complete. Every step is fail-open: a failure in MLflow or here is logged once and the request
+is served as if untraced.
 Request state lives on this per-request object, never on the (shared) middleware.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import TypeVar
 
 from mlflow_ctx_mw import _mlflow
@@ -21,6 +23,10 @@ MAX_NAME_PATH = 200
 _T = TypeVar("_T")
 _EXPOSE_NAME = "Access-Control-Expose-Headers"
 _EXPOSE = _EXPOSE_NAME.lower()
+
+
+def _no_route() -> None:
+    return None
 
 
 def merge_header_list(existing: str | None, names: list[str]) -> str:
@@ -43,6 +49,7 @@ class RequestSpan:
         "_token",
         "context",
         "error",
+        "resolve_route",
         "route",
         "span",
         "status_code",
@@ -61,6 +68,8 @@ class RequestSpan:
         #: Set by the adapter as the response goes out; read when the span ends.
         self.status_code: int | None = None
         self.route: str | None = None
+        #: Adapter-specific: the route template once routing has happened.
+        self.resolve_route: Callable[[], str | None] = _no_route
         self.error: BaseException | None = None
 
     @classmethod
@@ -130,6 +139,17 @@ class RequestSpan:
         out.extend(ours)
         return out
 
+    def __enter__(self) -> RequestSpan:
+        self.attach()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        try:
+            if error is not None and not isinstance(error, (StopIteration, StopAsyncIteration)):
+                self.finish(error)
+        finally:
+            self.detach()
+
     def finish(self, error: BaseException | None = None) -> None:
         """End the span once: ERROR on an exception or a 5xx, named after the route template."""
         if self._done:
@@ -137,37 +157,22 @@ class RequestSpan:
         self._done = True
         if self.span is None:
             return
-        error = error or self.error
-        status = self.status_code if self.status_code is not None or error is None else 500
         try:
-            _mlflow.end_span(self.span, name=self._name(self.route), status_code=status, error=error)
+            error = error or self.error
+            status = self.status_code if self.status_code is not None or error is None else 500
+            route = self.route or self.resolve_route()
+            _mlflow.end_span(self.span, name=self._name(route), status_code=status, error=error)
         except Exception:
             log_once("end", "MLflow could not end a request span")
 
     def next_chunk(self, chunks: Iterator[_T]) -> _T:
         """next(chunks) with the span current: a streamed body runs after the adapter returned."""
-        self.attach()
-        try:
+        with self:
             return next(chunks)
-        except StopIteration:
-            raise
-        except BaseException as exc:
-            self.finish(exc)
-            raise
-        finally:
-            self.detach()
 
     async def anext_chunk(self, chunks: AsyncIterator[_T]) -> _T:
-        self.attach()
-        try:
+        with self:
             return await chunks.__anext__()
-        except StopAsyncIteration:
-            raise
-        except BaseException as exc:
-            self.finish(exc)
-            raise
-        finally:
-            self.detach()
 
     def _name(self, route: str | None) -> str:
         return f"{self._method} {route or self._path[:MAX_NAME_PATH]}"

@@ -41,33 +41,25 @@ class MlflowContextMiddleware:
             rs.route = _route(environ)
             return start_response(status, rs.apply_headers(headers), *exc_info)
 
-        rs.attach()
-        try:
+        rs.resolve_route = lambda: _route(environ)
+        with rs:
             body = self.app(environ, start_response_with_context)
-        except BaseException as exc:
-            rs.route = rs.route or _route(environ)
-            rs.finish(exc)
-            raise
-        finally:
-            rs.detach()
         if isinstance(body, (list, tuple)) or _is_file_wrapper(environ, body):
             # Already complete, or a file the server may send natively: keep it intact.
-            rs.route = rs.route or _route(environ)
             rs.finish()
             return body
-        return _ClosingBody(body, rs, environ)
+        return _ClosingBody(body, rs)
 
 
 class _ClosingBody:
     """Passes the body through chunk by chunk; ends the span on close() (PEP 3333 guarantees it)."""
 
-    __slots__ = ("_body", "_chunks", "_environ", "_rs")
+    __slots__ = ("_body", "_chunks", "_rs")
 
-    def __init__(self, body: Iterable[bytes], rs: RequestSpan, environ: Environ) -> None:
+    def __init__(self, body: Iterable[bytes], rs: RequestSpan) -> None:
         self._body = body
         self._chunks: Iterator[bytes] | None = None
         self._rs = rs
-        self._environ = environ
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -83,7 +75,6 @@ class _ClosingBody:
             if close is not None:
                 close()
         finally:
-            self._rs.route = self._rs.route or _route(self._environ)
             self._rs.finish()
 
 

@@ -11,5 +11,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "mlflow_ctx_mw.django.MlflowContextMiddleware",
 ]
-MLFLOW_CTX = {"header_tags": {"X-Tenant": "tenant"}}
+from apps import OPTIONS  # noqa: E402
+
+MLFLOW_CTX = OPTIONS
 LOGGING_CONFIG = None
