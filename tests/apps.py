@@ -14,7 +14,11 @@ import mlflow
 STREAM_CHUNKS = 3
 STREAM_DELAY = 0.05
 # The same options everywhere (Django reads them from djproj.settings.MLFLOW_CTX).
-OPTIONS = {"header_tags": {"X-Tenant": "tenant"}, "header_metadata": {"X-Client-Version": "client_version"}}
+OPTIONS = {
+    "header_tags": {"X-Tenant": "tenant"},
+    "header_metadata": {"X-Client-Version": "client_version"},
+    "feedback_wait_seconds": 2.0,
+}
 
 
 @mlflow.trace(name="lookup")

@@ -76,14 +76,26 @@ def test_standard_fields_win_over_hook() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["", "   ", "a b", "x" * (MAX_ID_LENGTH + 1), "id\r\nX-Injected: 1", "caf\u00e9", "\udcff", "id\x00"],
+    [
+        *("", "   ", "a b", "x" * (MAX_ID_LENGTH + 1), "id\r\nX-Injected: 1", "caf\u00e9", "\udcff", "id\x00"),
+        *("a'b", 'a"b', "a`b", "a\\b"),  # MLflow filter strings have no escapes: never recorded
+    ],
 )
 def test_unusable_request_ids_are_replaced(value: str) -> None:
     ctx = build_context(Options(), view(X_Request_ID=value))
     assert ctx.request_id_generated and ctx.request_id != value
 
 
-@pytest.mark.parametrize("value", ["0af7651916cd43dd8448eb211c80319c", "req-1/2:3", "x" * MAX_ID_LENGTH, "'"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "0af7651916cd43dd8448eb211c80319c",
+        "req-1/2:3",
+        "x" * MAX_ID_LENGTH,
+        "Root=1-5f8;Parent=53995c3f",
+        "01HV~x",
+    ],
+)
 def test_printable_ids_in_many_formats_are_kept(value: str) -> None:
     assert build_context(Options(), view(X_Request_ID=value)).request_id == value
 

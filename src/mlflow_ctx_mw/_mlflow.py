@@ -76,3 +76,54 @@ def set_experiment_destination(experiment_id: str) -> None:
     from mlflow.tracing import set_destination
 
     set_destination(MlflowExperimentLocation(experiment_id=experiment_id))
+
+
+def find_traces_by_client_request_id(client_request_id: str, experiment_id: str | None) -> list[str]:
+    """Up to two trace ids with this client request id (the caller validated it as filter-safe)."""
+    if "'" in client_request_id or "\\" in client_request_id:
+        raise ValueError("client_request_id is not filter-safe")
+    traces = mlflow.search_traces(
+        locations=[experiment_id] if experiment_id else None,
+        filter_string=f"attributes.client_request_id = '{client_request_id}'",
+        max_results=2,
+        include_spans=False,
+        return_type="list",
+    )
+    return [trace.info.trace_id for trace in traces]
+
+
+def log_assessment(
+    kind: str,
+    *,
+    trace_id: str,
+    name: str,
+    value: Any,
+    source_id: str,
+    rationale: str | None,
+    metadata: dict[str, Any] | None,
+) -> str | None:
+    """Log feedback or an expectation with a HUMAN source; None if the trace does not exist (yet)."""
+    from mlflow.entities import AssessmentSource
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    source = AssessmentSource(source_type="HUMAN", source_id=source_id)
+    try:
+        if kind == "expectation":
+            assessment = mlflow.log_expectation(
+                trace_id=trace_id, name=name, value=value, source=source, metadata=metadata
+            )
+        else:
+            assessment = mlflow.log_feedback(
+                trace_id=trace_id,
+                name=name,
+                value=value,
+                source=source,
+                rationale=rationale,
+                metadata=metadata,
+            )
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+    return str(assessment.assessment_id)

@@ -6,12 +6,14 @@ is covered whole while its `X-Trace-ID` leaves with the headers.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
 from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.feedback import declared_too_large, feedback_response
 from mlflow_ctx_mw.mapper import RequestView
 from mlflow_ctx_mw.span import RequestSpan, configure_destination
 
@@ -46,6 +48,9 @@ class MlflowContextMiddleware:
             await self.app(scope, receive, send)
             return
         _wrap_error_middleware(scope)
+        if _is_feedback(self.options, scope):
+            await _feedback(self.options, scope, receive, send)
+            return
         rs = RequestSpan.open(self.options, _view(scope))
         if rs is None:
             await self.app(scope, receive, send)
@@ -71,6 +76,51 @@ class MlflowContextMiddleware:
             raise
         finally:
             rs.finish()  # the app returned without completing the body (client gone, broken app)
+
+
+def _is_feedback(options: Options, scope: Scope) -> bool:
+    target = options.feedback_path
+    if target is None or scope.get("method") == "OPTIONS":  # CORS preflight: the app's business
+        return False
+    path = scope.get("path", "")
+    return path == target or path == scope.get("root_path", "") + target
+
+
+async def _feedback(options: Options, scope: Scope, receive: Receive, send: Send) -> None:
+    """The built-in feedback endpoint; MLflow's blocking HTTP calls run off the event loop."""
+    view = _view(scope)
+    method = view.method
+    body: bytes | None = b""
+    if method == "POST":
+        body = None
+        if not declared_too_large(options, view.headers.get("content-length")):
+            body = await _read_body(receive, options.feedback_max_bytes)
+    if method == "POST" and body is not None:
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(None, feedback_response, options, method, view.headers, body)
+    else:
+        answer = feedback_response(options, method, view.headers, body)
+    status, headers, payload = answer
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    raw.append((b"content-length", str(len(payload)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b""
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
 
 
 def _view(scope: Scope) -> RequestView:

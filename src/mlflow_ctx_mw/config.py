@@ -90,6 +90,11 @@ class Options:
     #: Export to this experiment (set once at start-up, no network call). None: the app's own
     #: mlflow.set_experiment / set_destination decides.
     experiment_id: str | None = None
+    #: The built-in feedback endpoint (POST, JSON); None turns it off.
+    feedback_path: str | None = "/mlflow/feedback"
+    feedback_max_bytes: int = 64 * 1024
+    #: How long feedback waits for a trace the async exporter has not written yet.
+    feedback_wait_seconds: float = 5.0
 
     # Derived once at start-up.
     env_values: Mapping[str, str] = field(init=False, repr=False, compare=False)
@@ -108,6 +113,23 @@ class Options:
             not isinstance(self.experiment_id, str) or not self.experiment_id.strip()
         ):
             raise OptionsError(f"experiment_id: expected a non-empty string, got {self.experiment_id!r}")
+        if self.feedback_path is not None and (
+            not isinstance(self.feedback_path, str) or not self.feedback_path.startswith("/")
+        ):
+            raise OptionsError(
+                f"feedback_path: expected a path starting with '/' or None, got {self.feedback_path!r}"
+            )
+        if (
+            isinstance(self.feedback_max_bytes, bool)
+            or not isinstance(self.feedback_max_bytes, int)
+            or (self.feedback_max_bytes <= 0)
+        ):
+            raise OptionsError(
+                f"feedback_max_bytes: expected a positive int, got {self.feedback_max_bytes!r}"
+            )
+        wait = self.feedback_wait_seconds
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 120:
+            raise OptionsError(f"feedback_wait_seconds: expected 0-120 seconds, got {wait!r}")
         set_ = object.__setattr__
         set_(self, "env_metadata", _str_map("env_metadata", self.env_metadata))
         set_(self, "header_metadata", _str_map("header_metadata", self.header_metadata, headers="key"))

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.feedback import feedback_response, read_limited
 from mlflow_ctx_mw.mapper import RequestView
 from mlflow_ctx_mw.span import RequestSpan, configure_destination
 
@@ -38,6 +39,8 @@ class MlflowContextMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.is_async:
             return self.__acall__(request)
+        if self._is_feedback(request):
+            return _feedback(self.options, request)
         rs = self._open(request)
         if rs is None:
             return self.get_response(request)
@@ -46,6 +49,8 @@ class MlflowContextMiddleware:
         return _respond(rs, response)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        if self._is_feedback(request):
+            return await sync_to_async(_feedback, thread_sensitive=False)(self.options, request)
         rs = self._open(request)
         if rs is None:
             return await self.get_response(request)  # type: ignore[no-any-return]
@@ -58,6 +63,10 @@ class MlflowContextMiddleware:
         rs = getattr(request, _ATTR, None)
         if rs is not None:
             rs.error = exception
+
+    def _is_feedback(self, request: HttpRequest) -> bool:
+        target = self.options.feedback_path
+        return target is not None and request.path_info == target and request.method != "OPTIONS"
 
     def _open(self, request: HttpRequest) -> RequestSpan | None:
         rs = RequestSpan.open(
@@ -82,6 +91,18 @@ def _route(request: HttpRequest) -> str | None:
     if not route:
         return None
     return route if route.startswith("/") else f"/{route}"
+
+
+def _feedback(options: Options, request: HttpRequest) -> HttpResponse:
+    """The built-in feedback endpoint; Django's CSRF check does not apply (no view runs)."""
+    body: bytes | None = b""
+    if request.method == "POST":
+        body = read_limited(request.read, request.META.get("CONTENT_LENGTH"), options.feedback_max_bytes)
+    status, headers, payload = feedback_response(options, request.method or "GET", request.headers, body)
+    response = HttpResponse(payload, status=status)
+    for name, value in headers:
+        response[name] = value
+    return response
 
 
 def _respond(rs: RequestSpan, response: HttpResponseBase) -> HttpResponseBase:

@@ -35,7 +35,9 @@ MAX_TAG_LENGTH = 1000
 SESSION_KEY = "mlflow.trace.session"
 USER_KEY = "mlflow.trace.user"
 
-_PRINTABLE_ID = re.compile(r"^[\x21-\x7e]+$")
+# Printable ASCII without quotes, backticks or backslashes: MLflow's filter strings have no
+# escapes, so only such ids can be looked up safely (and every id we record can be looked up).
+_ID = re.compile(r"^[\x21\x23-\x26\x28-\x5b\x5d-\x5f\x61-\x7e]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 logger = logging.getLogger("mlflow_ctx_mw")
@@ -67,11 +69,11 @@ class RequestContext:
 
 
 def clean_id(value: str | None, limit: int) -> str | None:
-    """An id as given, or None when it is empty, too long or not printable ASCII."""
-    if not value:
+    """An id as given, or None when it is empty, too long or not filter-safe printable ASCII."""
+    if not value or not isinstance(value, str):
         return None
     value = value.strip()
-    if 0 < len(value) <= limit and _PRINTABLE_ID.match(value):
+    if 0 < len(value) <= limit and _ID.match(value):
         return value
     return None
 

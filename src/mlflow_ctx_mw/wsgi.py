@@ -8,11 +8,13 @@ with the root span re-attached, so @mlflow.trace code inside a generator still n
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from typing import Any
 
 from werkzeug.datastructures import EnvironHeaders
 
 from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.feedback import feedback_response, read_limited
 from mlflow_ctx_mw.mapper import RequestView
 from mlflow_ctx_mw.span import RequestSpan, configure_destination
 
@@ -30,6 +32,9 @@ class MlflowContextMiddleware:
         configure_destination(self.options)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        target = self.options.feedback_path
+        if target and environ.get("PATH_INFO") == target and environ.get("REQUEST_METHOD") != "OPTIONS":
+            return _feedback(self.options, environ, start_response)
         rs = RequestSpan.open(self.options, _view(environ))
         if rs is None:
             return self.app(environ, start_response)
@@ -76,6 +81,19 @@ class _ClosingBody:
                 close()
         finally:
             self._rs.finish()
+
+
+def _feedback(options: Options, environ: Environ, start_response: StartResponse) -> list[bytes]:
+    view = _view(environ)
+    body: bytes | None = b""
+    if view.method == "POST":
+        stream = environ.get("wsgi.input")
+        read = stream.read if stream is not None else (lambda n: b"")
+        body = read_limited(read, environ.get("CONTENT_LENGTH"), options.feedback_max_bytes)
+    status, headers, payload = feedback_response(options, view.method, view.headers, body)
+    headers.append(("Content-Length", str(len(payload))))
+    start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+    return [payload]
 
 
 def _is_file_wrapper(environ: Environ, body: object) -> bool:
