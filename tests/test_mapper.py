@@ -77,7 +77,8 @@ def test_standard_fields_win_over_hook() -> None:
 @pytest.mark.parametrize(
     "value",
     [
-        *("", "   ", "a b", "x" * (MAX_ID_LENGTH + 1), "id\r\nX-Injected: 1", "caf\u00e9", "\udcff", "id\x00"),
+        *("", "   ", "a b", "x" * (MAX_ID_LENGTH + 1), "id\r\nX-Injected: 1"),
+        *("caf\u00e9", "\udcff", "id\x00"),
         *("a'b", 'a"b', "a`b", "a\\b"),  # MLflow filter strings have no escapes: never recorded
     ],
 )
