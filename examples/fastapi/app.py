@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import mlflow
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel
 
 from mlflow_ctx_mw.asgi import MlflowContextMiddleware
@@ -53,6 +54,14 @@ async def chat_stream(body: ChatIn) -> StreamingResponse:
         yield "event: done\ndata: \n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+CHAT_PAGE = Path(__file__).resolve().parent.parent / "chat.html"
+
+
+@app.get("/", response_class=HTMLResponse)
+async def page() -> str:
+    return CHAT_PAGE.read_text()
 
 
 @app.get("/health")

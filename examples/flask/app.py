@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import mlflow
 from flask import Flask, Response, jsonify, request
@@ -45,6 +46,14 @@ def chat_stream() -> Response:
         yield "event: done\ndata: \n\n"
 
     return Response(events(), mimetype="text/event-stream")
+
+
+CHAT_PAGE = Path(__file__).resolve().parent.parent / "chat.html"
+
+
+@app.get("/")
+def page() -> Response:
+    return Response(CHAT_PAGE.read_text(), mimetype="text/html")
 
 
 @app.get("/health")

@@ -6,4 +6,5 @@ urlpatterns = [
     path("chat", views.chat),
     path("chat/stream", views.chat_stream),
     path("health", views.health),
+    path("", views.page),
 ]

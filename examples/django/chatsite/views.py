@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import mlflow
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -40,6 +41,13 @@ async def chat_stream(request: HttpRequest) -> HttpResponse:
         yield "event: done\ndata: \n\n"
 
     return StreamingHttpResponse(events(), content_type="text/event-stream")
+
+
+CHAT_PAGE = Path(__file__).resolve().parents[2] / "chat.html"
+
+
+def page(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(CHAT_PAGE.read_text(), content_type="text/html")
 
 
 def health(request: HttpRequest) -> HttpResponse:
