@@ -85,10 +85,25 @@ class Sent:
     errors: int = 0
     trace_ids: list[str] = field(default_factory=list)
     sessions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    feedback: int = 0
+
+
+def rate(client: httpx.Client, url: str, user: str, trace_id: str, turn: int) -> int:
+    """How a user reacts to an answer: thumbs on some turns, 1-5 stars on others (by trace id)."""
+    bodies = []
+    if turn % 2 == 0:  # thumbs: alice likes everything, the others are harder to please
+        bodies.append({"trace_id": trace_id, "name": "user_feedback", "value": user == "alice" or turn == 0})
+    if turn == 1:
+        bodies.append({"trace_id": trace_id, "name": "stars", "value": 5 if user == "alice" else 3})
+    for body in bodies:
+        response = client.post(f"{url}/mlflow/feedback", json=body, headers={"X-User-ID": user})
+        response.raise_for_status()
+    return len(bodies)
 
 
 def drive(urls: dict[str, str], turns: int = 3) -> Sent:
-    """Users chat in multi-turn sessions on every app; one request fails, one answer streams."""
+    """Users chat in multi-turn sessions on every app and rate the answers by X-Trace-ID;
+    one request per app fails, one answer per app streams."""
     sent = Sent()
     with httpx.Client(timeout=30) as client:
         for app, url in urls.items():
@@ -106,6 +121,8 @@ def drive(urls: dict[str, str], turns: int = 3) -> Sent:
                     sent.errors += response.status_code >= 500
                     sent.trace_ids.append(response.headers.get("X-Trace-ID", ""))
                     sent.sessions[session].append(headers["X-Request-ID"])
+                    if response.status_code == 200:
+                        sent.feedback += rate(client, url, user, response.headers["X-Trace-ID"], turn)
             headers = {"X-User-ID": "alice", "X-Session-ID": f"{app}-stream-{uuid.uuid4().hex[:6]}"}
             with client.stream(
                 "POST", f"{url}/chat/stream", json={"message": "stream me"}, headers=headers
@@ -167,6 +184,14 @@ def summarise(traces: list, experiment_id: str) -> None:
         errors = sum(_state(t) == "ERROR" for t in items)
         mean = statistics.mean(t.info.execution_duration or 0 for t in items)
         print(f"{version:<12}{len(items):>8}{errors / len(items):>12.0%}{mean:>10.1f}")
+    thumbs = [a.value for t in traces for a in t.info.assessments if a.name == "user_feedback"]
+    stars = [a.value for t in traces for a in t.info.assessments if a.name == "stars"]
+    rated = sum(any(a.name == "user_feedback" for a in t.info.assessments) for t in traces)
+    print(
+        f"\nfeedback rate: {rated / max(len(traces), 1):.0%} of traces have thumbs up/down; "
+        f"positive: {sum(map(bool, thumbs)) / max(len(thumbs), 1):.0%} of {len(thumbs)}; "
+        f"mean stars: {statistics.mean(stars) if stars else 0:.2f} ({len(stars)} ratings)"
+    )
 
 
 def main() -> int:
@@ -184,7 +209,10 @@ def main() -> int:
         urls = start_apps(stack, tracking_uri, workdir)
         say("driving the apps like real users...")
         sent = drive(urls)
-        say(f"sent {sent.requests} requests ({sent.errors} failed on purpose); waiting for the exporter")
+        say(
+            f"sent {sent.requests} requests ({sent.errors} failed on purpose) and {sent.feedback} "
+            "feedback calls; waiting for the exporter"
+        )
         summarise(wait_for_traces(experiment_id, sent.trace_ids, since_ms), experiment_id)
         print(f"\nBrowse the traces: {tracking_uri}/#/experiments/{experiment_id}/traces")
         print("  filter e.g.  metadata.`mlflow.trace.user` = 'alice'")

@@ -127,3 +127,8 @@ def log_assessment(
             return None
         raise
     return str(assessment.assessment_id)
+
+
+def flush_export() -> None:
+    """Export what the batch processor holds now (public API; blocks until written)."""
+    mlflow.flush_trace_async_logging()

@@ -94,7 +94,7 @@ class Options:
     feedback_path: str | None = "/mlflow/feedback"
     feedback_max_bytes: int = 64 * 1024
     #: How long feedback waits for a trace the async exporter has not written yet.
-    feedback_wait_seconds: float = 5.0
+    feedback_wait_seconds: float = 10.0
 
     # Derived once at start-up.
     env_values: Mapping[str, str] = field(init=False, repr=False, compare=False)

@@ -21,6 +21,7 @@ from typing import Any
 
 from mlflow_ctx_mw import _mlflow
 from mlflow_ctx_mw._logonce import log_once
+from mlflow_ctx_mw._recent import RECENT
 from mlflow_ctx_mw.config import Options
 from mlflow_ctx_mw.mapper import MAX_ID_LENGTH, MAX_METADATA_LENGTH, clean_id, clean_text
 
@@ -142,7 +143,7 @@ def log_feedback(
     metadata: Mapping[str, Any] | None = None,
     kind: str = "feedback",
     experiment_id: str | None = None,
-    wait_seconds: float = 5.0,
+    wait_seconds: float = 10.0,
     timeout_seconds: float = 10.0,
 ) -> FeedbackResult:
     """Validate and log one assessment with a HUMAN source; raises FeedbackError.
@@ -162,29 +163,35 @@ def log_feedback(
         raise _invalid("rationale", "expectations take no rationale")
     source_id = clean_id(user, MAX_METADATA_LENGTH) if user else None
 
-    def call() -> FeedbackResult:
-        deadline = time.monotonic() + wait_seconds
-        delay = 0.1
-        while True:
-            found = trace_id or _find(client_request_id, experiment_id)
-            if found is not None:
-                assessment_id = _mlflow.log_assessment(
-                    kind,
-                    trace_id=found,
-                    name=checked_name or "user_feedback",
-                    value=checked_value,
-                    source_id=source_id or "anonymous",
-                    rationale=checked_rationale,
-                    metadata=checked_metadata,
-                )
-                if assessment_id is not None:
-                    return FeedbackResult(assessment_id, found)
-            if time.monotonic() + delay > deadline:
-                raise FeedbackError(404, "no such trace", "trace_id" if trace_id else "client_request_id")
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-    return _run_bounded(call, wait_seconds + timeout_seconds)
+    field = "trace_id" if trace_id else "client_request_id"
+    deadline = time.monotonic() + wait_seconds
+    delay, flushed = 0.1, False
+    while True:
+        found = trace_id or RECENT.trace_for(client_request_id or "")
+        found = found or _bounded(timeout_seconds, _find, client_request_id, experiment_id)
+        if found is not None:
+            assessment_id = _bounded(
+                timeout_seconds,
+                _mlflow.log_assessment,
+                kind,
+                trace_id=found,
+                name=checked_name or "user_feedback",
+                value=checked_value,
+                source_id=source_id or "anonymous",
+                rationale=checked_rationale,
+                metadata=checked_metadata,
+            )
+            if assessment_id is not None:
+                return FeedbackResult(assessment_id, found)
+            if not flushed and found in RECENT:
+                # Ours, still on its way to the server: export it now rather than wait.
+                _bounded(timeout_seconds, _mlflow.flush_export)
+                flushed = True
+                continue
+        if time.monotonic() + delay > deadline:
+            raise FeedbackError(404, "no such trace", field)
+        time.sleep(delay)  # the caller's thread waits; no pool slot is held meanwhile
+        delay = min(delay * 2, 1.0)
 
 
 def _find(client_request_id: str | None, experiment_id: str | None) -> str | None:
@@ -203,17 +210,18 @@ _pool = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="mlflow-ct
 _slots = threading.BoundedSemaphore(_POOL_SIZE)
 
 
-def _run_bounded(call: Any, timeout: float) -> FeedbackResult:
+def _bounded(timeout: float, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """One MLflow call on the pool, waited for at most `timeout` seconds."""
     if not _slots.acquire(blocking=False):
         raise FeedbackError(503, "feedback service busy; try again later")
     try:
-        future = _pool.submit(call)
+        future = _pool.submit(call, *args, **kwargs)
     except Exception:
         _slots.release()
         raise
     future.add_done_callback(lambda _: _slots.release())
     try:
-        return future.result(timeout=timeout)  # type: ignore[no-any-return]
+        return future.result(timeout=timeout)
     except FeedbackError:
         raise
     except FutureTimeout:

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from mlflow_ctx_mw import _mlflow
 from mlflow_ctx_mw._logonce import log_once
+from mlflow_ctx_mw._recent import RECENT
 from mlflow_ctx_mw.config import Options
 from mlflow_ctx_mw.mapper import RequestContext, RequestView, build_context
 
@@ -162,6 +163,7 @@ class RequestSpan:
             status = self.status_code if self.status_code is not None or error is None else 500
             route = self.route or self.resolve_route()
             _mlflow.end_span(self.span, name=self._name(route), status_code=status, error=error)
+            RECENT.add(self.span.trace_id, self.context.request_id)
         except Exception:
             log_once("end", "MLflow could not end a request span")
 
