@@ -98,15 +98,13 @@ def test_our_own_bug_in_mapping_is_contained(monkeypatch: pytest.MonkeyPatch) ->
     assert sent[0]["status"] == 201 and sent[0]["headers"] == [(b"x-app", b"1")]
 
 
-@pytest.mark.parametrize("scope_type", ["websocket", "lifespan"])
-def test_non_http_scopes_pass_through_untouched(scope_type: str) -> None:
+def test_websocket_passes_through_untouched() -> None:
     seen: list[Any] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         seen.append((scope, receive, send))
 
-    mw = asgi.MlflowContextMiddleware(app)
-    scope = {"type": scope_type}
+    scope = {"type": "websocket", "path": "/ws"}
 
     async def receive() -> dict[str, Any]:
         return {}
@@ -114,8 +112,34 @@ def test_non_http_scopes_pass_through_untouched(scope_type: str) -> None:
     async def send(message: Any) -> None:
         pass
 
-    asyncio.run(mw(scope, receive, send))
-    assert seen == [(scope, receive, send)] and scope == {"type": scope_type}
+    asyncio.run(asgi.MlflowContextMiddleware(app)(scope, receive, send))
+    assert seen == [(scope, receive, send)] and scope == {"type": "websocket", "path": "/ws"}
+
+
+def test_lifespan_messages_pass_unchanged_and_shutdown_flushes(monkeypatch: pytest.MonkeyPatch) -> None:
+    flushed: list[str] = []
+    monkeypatch.setattr(_mlflow, "flush_export", lambda: flushed.append("flushed"))
+    events = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert scope == {"type": "lifespan"}
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def receive() -> dict[str, Any]:
+        return events.pop(0)
+
+    async def send(message: Any) -> None:
+        sent.append((message, list(flushed)))
+
+    asyncio.run(asgi.MlflowContextMiddleware(app)({"type": "lifespan"}, receive, send))
+    assert sent == [
+        ({"type": "lifespan.startup.complete"}, []),
+        ({"type": "lifespan.shutdown.complete"}, ["flushed"]),
+    ]
 
 
 def test_app_exception_is_reraised_unchanged() -> None:

@@ -60,10 +60,31 @@ def detach(token: Any) -> None:
     detach_span_from_context(token)
 
 
-def end_span(span: LiveSpan, *, name: str, status_code: int | None, error: BaseException | None) -> None:
+def suppress() -> Any:
+    """Tracing off in this context (a sampled-out request: nested spans are dropped too)."""
+    manager = mlflow.tracing.context(enabled=False)
+    manager.__enter__()
+    return manager
+
+
+def unsuppress(token: Any) -> None:
+    token.__exit__(None, None, None)
+
+
+def end_span(
+    span: LiveSpan,
+    *,
+    name: str,
+    status_code: int | None,
+    error: BaseException | None,
+    disconnected: bool = False,
+) -> None:
     span._span.update_name(name)
     if status_code is not None:
-        span.set_outputs({"status_code": status_code})
+        outputs: dict[str, Any] = {"status_code": status_code}
+        if disconnected:
+            outputs["client_disconnected"] = True
+        span.set_outputs(outputs)
     if error is not None:
         span.record_exception(error if isinstance(error, Exception) else repr(error))
     failed = error is not None or (status_code is not None and status_code >= 500)

@@ -15,7 +15,7 @@ from typing import Any
 from mlflow_ctx_mw.config import Options
 from mlflow_ctx_mw.feedback import declared_too_large, feedback_response
 from mlflow_ctx_mw.mapper import RequestView
-from mlflow_ctx_mw.span import RequestSpan, configure_destination
+from mlflow_ctx_mw.span import RequestSpan, configure_destination, flush_pending
 
 __all__ = ["MlflowContextMiddleware"]
 
@@ -45,6 +45,10 @@ class MlflowContextMiddleware:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
                 _wrap_error_middleware(scope)
+                send = self._flush_at_shutdown(send)
+            await self.app(scope, receive, send)
+            return
+        if self.options.excluded(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
         _wrap_error_middleware(scope)
@@ -65,6 +69,7 @@ class MlflowContextMiddleware:
                 message = {**message, "headers": _add_headers(message.get("headers", ()), rs)}
             await send(message)
             if kind in _FINAL or (kind == "http.response.body" and not message.get("more_body")):
+                rs.complete = True
                 rs.finish()
 
         try:
@@ -76,6 +81,17 @@ class MlflowContextMiddleware:
             raise
         finally:
             rs.finish()  # the app returned without completing the body (client gone, broken app)
+
+    def _flush_at_shutdown(self, send: Send) -> Send:
+        """Messages pass unchanged; before the server hears "shutdown complete", traces are sent."""
+        timeout = self.options.shutdown_flush_seconds
+
+        async def send_after_flush(message: Message) -> None:
+            if message.get("type") == "lifespan.shutdown.complete" and timeout > 0:
+                await asyncio.get_running_loop().run_in_executor(None, flush_pending, timeout)
+            await send(message)
+
+        return send_after_flush
 
 
 def _is_feedback(options: Options, scope: Scope) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -95,9 +95,27 @@ class Options:
     feedback_max_bytes: int = 64 * 1024
     #: How long feedback waits for a trace the async exporter has not written yet.
     feedback_wait_seconds: float = 10.0
+    #: Paths served untraced (no span, no X-Trace-ID): "/health" exact, "/static/*" prefix,
+    #: "^/v[0-9]+/ping$" a regular expression (re.match).
+    exclude_paths: Sequence[str] = ()
+    #: Share of the other requests that are traced; the rest run with MLflow tracing off.
+    sample_ratio: float = 1.0
+    #: At ASGI lifespan shutdown, wait this long for pending traces to reach MLflow.
+    shutdown_flush_seconds: float = 10.0
 
     # Derived once at start-up.
     env_values: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    _exact: frozenset[str] = field(init=False, repr=False, compare=False)
+    _prefixes: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+
+    def excluded(self, path: str) -> bool:
+        """Whether `path` is served untraced (cheap: a set lookup when nothing else is set)."""
+        return (
+            path in self._exact
+            or (bool(self._prefixes) and path.startswith(self._prefixes))
+            or (self._pattern is not None and self._pattern.match(path) is not None)
+        )
 
     def __post_init__(self) -> None:
         for name in ("request_id_header", "session_id_header", "user_id_header", "trace_id_header"):
@@ -130,7 +148,14 @@ class Options:
         wait = self.feedback_wait_seconds
         if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 120:
             raise OptionsError(f"feedback_wait_seconds: expected 0-120 seconds, got {wait!r}")
+        flush = self.shutdown_flush_seconds
+        if isinstance(flush, bool) or not isinstance(flush, int | float) or not 0 <= flush <= 600:
+            raise OptionsError(f"shutdown_flush_seconds: expected 0-600 seconds, got {flush!r}")
+        ratio = self.sample_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
+            raise OptionsError(f"sample_ratio: expected a number from 0 to 1, got {ratio!r}")
         set_ = object.__setattr__
+        set_(self, "exclude_paths", tuple(self._exclusions()))
         set_(self, "env_metadata", _str_map("env_metadata", self.env_metadata))
         set_(self, "header_metadata", _str_map("header_metadata", self.header_metadata, headers="key"))
         set_(self, "header_tags", _str_map("header_tags", self.header_tags, headers="key"))
@@ -138,6 +163,29 @@ class Options:
         set_(self, "static_tags", _str_map("static_tags", self.static_tags))
         env = {key: os.environ[var] for var, key in self.env_metadata.items() if os.environ.get(var)}
         set_(self, "env_values", MappingProxyType(env))
+
+    def _exclusions(self) -> list[str]:
+        if isinstance(self.exclude_paths, str) or not isinstance(self.exclude_paths, Sequence | set):
+            raise OptionsError(f"exclude_paths: expected a list of paths, got {self.exclude_paths!r}")
+        exact, prefixes, patterns = set(), [], []
+        for entry in self.exclude_paths:
+            if not isinstance(entry, str) or not entry:
+                raise OptionsError(f"exclude_paths: entries must be non-empty strings, got {entry!r}")
+            if entry.startswith("^"):
+                try:
+                    patterns.append(re.compile(entry).pattern)
+                except re.error as exc:
+                    raise OptionsError(f"exclude_paths: bad regular expression {entry!r}: {exc}") from None
+            elif entry.endswith("*"):
+                prefixes.append(entry[:-1])
+            else:
+                exact.add(entry)
+        object.__setattr__(self, "_exact", frozenset(exact))
+        object.__setattr__(self, "_prefixes", tuple(prefixes))
+        object.__setattr__(
+            self, "_pattern", re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+        )
+        return list(self.exclude_paths)
 
     @classmethod
     def build(cls, options: Options | Mapping[str, Any] | None = None, **kwargs: Any) -> Options:

@@ -39,6 +39,8 @@ class MlflowContextMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.is_async:
             return self.__acall__(request)
+        if self.options.excluded(request.path_info):
+            return self.get_response(request)
         if self._is_feedback(request):
             return _feedback(self.options, request)
         rs = self._open(request)
@@ -49,6 +51,8 @@ class MlflowContextMiddleware:
         return _respond(rs, response)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        if self.options.excluded(request.path_info):
+            return await self.get_response(request)  # type: ignore[no-any-return]
         if self._is_feedback(request):
             return await sync_to_async(_feedback, thread_sensitive=False)(self.options, request)
         rs = self._open(request)
@@ -110,6 +114,7 @@ def _respond(rs: RequestSpan, response: HttpResponseBase) -> HttpResponseBase:
         response[name] = value
     rs.status_code = response.status_code
     if not response.streaming:
+        rs.complete = True
         rs.finish()
         return response
     # The body is consumed after we return: keep the span current while it is produced and end

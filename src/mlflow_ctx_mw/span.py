@@ -9,6 +9,8 @@ Request state lives on this per-request object, never on the (shared) middleware
 
 from __future__ import annotations
 
+import random
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -18,7 +20,7 @@ from mlflow_ctx_mw._recent import RECENT
 from mlflow_ctx_mw.config import Options
 from mlflow_ctx_mw.mapper import RequestContext, RequestView, build_context
 
-__all__ = ["RequestSpan", "configure_destination", "merge_header_list"]
+__all__ = ["RequestSpan", "configure_destination", "flush_pending", "merge_header_list"]
 
 MAX_NAME_PATH = 200
 _T = TypeVar("_T")
@@ -47,7 +49,9 @@ class RequestSpan:
         "_method",
         "_options",
         "_path",
+        "_sampled_out",
         "_token",
+        "complete",
         "context",
         "error",
         "resolve_route",
@@ -64,11 +68,14 @@ class RequestSpan:
         self._path = path
         self._token: object = None
         self._done = False
+        self._sampled_out = False
         self.span: _mlflow.LiveSpan | None = None
         self.trace_id: str | None = None
         #: Set by the adapter as the response goes out; read when the span ends.
         self.status_code: int | None = None
         self.route: str | None = None
+        #: The whole body went out; False at finish() with a status means the client left early.
+        self.complete = False
         #: Adapter-specific: the route template once routing has happened.
         self.resolve_route: Callable[[], str | None] = _no_route
         self.error: BaseException | None = None
@@ -82,6 +89,9 @@ class RequestSpan:
         except Exception:
             log_once("map", "mlflow_ctx_mw could not map a request; serving it untraced")
             return None
+        if options.sample_ratio < 1.0 and random.random() >= options.sample_ratio:
+            rs._sampled_out = True  # no span; MLflow tracing off while the app runs
+            return rs
         try:
             inputs = {"method": view.method, "path": view.path, "query_string": view.query_string}
             rs.span = _mlflow.start_root_span(
@@ -99,10 +109,11 @@ class RequestSpan:
 
     def attach(self) -> None:
         """Make the root span current so handler code (@mlflow.trace, update_current_trace) joins it."""
-        if self.span is None:
-            return
         try:
-            self._token = _mlflow.attach(self.span)
+            if self.span is not None:
+                self._token = _mlflow.attach(self.span)
+            elif self._sampled_out:
+                self._token = _mlflow.suppress()
         except Exception:
             log_once("attach", "MLflow could not make the request span current")
 
@@ -112,7 +123,10 @@ class RequestSpan:
         if token is None:
             return
         try:
-            _mlflow.detach(token)
+            if self._sampled_out:
+                _mlflow.unsuppress(token)
+            else:
+                _mlflow.detach(token)
         except Exception:
             log_once("detach", "MLflow could not detach the request span")
 
@@ -146,7 +160,9 @@ class RequestSpan:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
         try:
-            if error is not None and not isinstance(error, (StopIteration, StopAsyncIteration)):
+            if isinstance(error, (StopIteration, StopAsyncIteration)):
+                self.complete = True  # a streamed body ran out: everything was sent
+            elif error is not None:
                 self.finish(error)
         finally:
             self.detach()
@@ -162,7 +178,13 @@ class RequestSpan:
             error = error or self.error
             status = self.status_code if self.status_code is not None or error is None else 500
             route = self.route or self.resolve_route()
-            _mlflow.end_span(self.span, name=self._name(route), status_code=status, error=error)
+            _mlflow.end_span(
+                self.span,
+                name=self._name(route),
+                status_code=status,
+                error=error,
+                disconnected=error is None and status is not None and not self.complete,
+            )
             RECENT.add(self.span.trace_id, self.context.request_id)
         except Exception:
             log_once("end", "MLflow could not end a request span")
@@ -188,3 +210,28 @@ def configure_destination(options: Options) -> None:
         _mlflow.set_experiment_destination(options.experiment_id)
     except Exception:
         log_once("destination", "MLflow rejected experiment_id; traces go where MLflow decides")
+
+
+def flush_pending(timeout: float) -> bool:
+    """Send what MLflow still holds, waiting at most `timeout` s; True if it all went out.
+
+    uvicorn re-raises SIGTERM after its graceful shutdown, so atexit never runs and buffered
+    traces would be lost (mlflow #21865): the ASGI adapter calls this at lifespan shutdown.
+    """
+    done = threading.Event()
+
+    def flush() -> None:
+        try:
+            _mlflow.flush_export()
+        except Exception:
+            log_once("flush", "MLflow failed to flush pending traces at shutdown")
+        finally:
+            done.set()
+
+    threading.Thread(target=flush, name="mlflow-ctx-flush", daemon=True).start()
+    if not done.wait(timeout):
+        log_once(
+            "flush-timeout", f"pending traces not flushed within {timeout:g}s at shutdown", exc_info=False
+        )
+        return False
+    return True

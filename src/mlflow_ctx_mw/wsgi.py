@@ -32,6 +32,8 @@ class MlflowContextMiddleware:
         configure_destination(self.options)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if self.options.excluded(environ.get("PATH_INFO", "")):
+            return self.app(environ, start_response)
         target = self.options.feedback_path
         if target and environ.get("PATH_INFO") == target and environ.get("REQUEST_METHOD") != "OPTIONS":
             return _feedback(self.options, environ, start_response)
@@ -51,6 +53,7 @@ class MlflowContextMiddleware:
             body = self.app(environ, start_response_with_context)
         if isinstance(body, (list, tuple)) or _is_file_wrapper(environ, body):
             # Already complete, or a file the server may send natively: keep it intact.
+            rs.complete = True
             rs.finish()
             return body
         return _ClosingBody(body, rs)
