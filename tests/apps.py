@@ -1,24 +1,57 @@
 """The same small app in every framework the package supports, used by the integration tests.
 
 Routes: /items/{id} (async where the framework has it), /sync-items/{id} (sync handler),
-/boom (raises), /stream (three chunks, each made inside a nested span).
+/boom (raises), /stream (three chunks, each made inside a nested span), /slow-stream (many slow
+chunks, for client disconnects), /broken-stream (raises after its first chunk).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 
 import mlflow
+from fastapi import BackgroundTasks  # resolved by name: handlers' annotations are strings here
+
+#: Served without the middleware, to compare against (tests/served.py, outage timings).
+BARE = os.environ.get("MLFLOW_CTX_BARE") == "1"
+BACKGROUND_DONE = threading.Event()
+
+
+def background_work() -> None:
+    """A Starlette background task: runs after the response has gone out."""
+    time.sleep(0.3)
+    BACKGROUND_DONE.set()
+
 
 STREAM_CHUNKS = 3
 STREAM_DELAY = 0.05
+SLOW_CHUNKS = 100
 # The same options everywhere (Django reads them from djproj.settings.MLFLOW_CTX).
 OPTIONS = {
     "header_tags": {"X-Tenant": "tenant"},
     "header_metadata": {"X-Client-Version": "client_version"},
     "feedback_wait_seconds": 2.0,
+    "exclude_paths": ["/health", "/static/*"],
 }
+
+
+def sync_chunks(count: int, fail: bool = False):  # type: ignore[no-untyped-def]
+    for i in range(count):
+        time.sleep(STREAM_DELAY)
+        yield chunk(i)
+        if fail:
+            raise RuntimeError("broken mid-stream")
+
+
+async def async_chunks(count: int, fail: bool = False):  # type: ignore[no-untyped-def]
+    for i in range(count):
+        await asyncio.sleep(STREAM_DELAY)
+        yield chunk(i)
+        if fail:
+            raise RuntimeError("broken mid-stream")
 
 
 @mlflow.trace(name="lookup")
@@ -32,7 +65,7 @@ def chunk(i: int) -> bytes:
         return f"data: {i}\n\n".encode()
 
 
-def fastapi_app() -> object:
+def fastapi_app(**extra: object) -> object:
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
 
@@ -54,18 +87,27 @@ def fastapi_app() -> object:
 
     @app.get("/stream")
     async def stream() -> StreamingResponse:
-        async def body():  # type: ignore[no-untyped-def]
-            for i in range(STREAM_CHUNKS):
-                await asyncio.sleep(STREAM_DELAY)
-                yield chunk(i)
+        return StreamingResponse(async_chunks(STREAM_CHUNKS), media_type="text/event-stream")
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+    @app.get("/slow-stream")
+    async def slow_stream() -> StreamingResponse:
+        return StreamingResponse(async_chunks(SLOW_CHUNKS), media_type="text/event-stream")
 
-    app.add_middleware(MlflowContextMiddleware, **OPTIONS)
+    @app.get("/broken-stream")
+    async def broken_stream() -> StreamingResponse:
+        return StreamingResponse(async_chunks(2, fail=True), media_type="text/event-stream")
+
+    @app.get("/background")
+    async def background(tasks: BackgroundTasks) -> dict[str, str]:
+        tasks.add_task(background_work)
+        return {"queued": "yes"}
+
+    if not BARE:
+        app.add_middleware(MlflowContextMiddleware, **{**OPTIONS, **extra})
     return app
 
 
-def starlette_app() -> object:
+def starlette_app(**extra: object) -> object:
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse, StreamingResponse
@@ -90,19 +132,27 @@ def starlette_app() -> object:
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
+    async def slow_stream(request):  # type: ignore[no-untyped-def]
+        return StreamingResponse(async_chunks(SLOW_CHUNKS), media_type="text/event-stream")
+
+    async def broken_stream(request):  # type: ignore[no-untyped-def]
+        return StreamingResponse(async_chunks(2, fail=True), media_type="text/event-stream")
+
     app = Starlette(
         routes=[
             Route("/items/{item_id:int}", item),
             Route("/sync-items/{item_id:int}", sync_item),
             Route("/boom", boom),
             Route("/stream", stream),
+            Route("/slow-stream", slow_stream),
+            Route("/broken-stream", broken_stream),
         ]
     )
     # Plain Starlette: the middleware wraps the whole app.
-    return MlflowContextMiddleware(app, **OPTIONS)
+    return app if BARE else MlflowContextMiddleware(app, **{**OPTIONS, **extra})
 
 
-def flask_app() -> object:
+def flask_app(**extra: object) -> object:
     from flask import Flask, Response
 
     from mlflow_ctx_mw.wsgi import MlflowContextMiddleware
@@ -123,12 +173,16 @@ def flask_app() -> object:
 
     @app.get("/stream")
     def stream() -> Response:
-        def body():  # type: ignore[no-untyped-def]
-            for i in range(STREAM_CHUNKS):
-                time.sleep(STREAM_DELAY)
-                yield chunk(i)
+        return Response(sync_chunks(STREAM_CHUNKS), mimetype="text/event-stream")
 
-        return Response(body(), mimetype="text/event-stream")
+    @app.get("/slow-stream")
+    def slow_stream() -> Response:
+        return Response(sync_chunks(SLOW_CHUNKS), mimetype="text/event-stream")
 
-    app.wsgi_app = MlflowContextMiddleware(app.wsgi_app, **OPTIONS)  # type: ignore[method-assign]
+    @app.get("/broken-stream")
+    def broken_stream() -> Response:
+        return Response(sync_chunks(2, fail=True), mimetype="text/event-stream")
+
+    if not BARE:
+        app.wsgi_app = MlflowContextMiddleware(app.wsgi_app, **{**OPTIONS, **extra})  # type: ignore[method-assign]
     return app

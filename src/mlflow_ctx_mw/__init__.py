@@ -1,7 +1,8 @@
 """MLflow trace context for every HTTP request: ASGI, WSGI and Django middleware."""
 
 from mlflow_ctx_mw.config import Options, OptionsError
+from mlflow_ctx_mw.export import ExportStats, export_stats
 from mlflow_ctx_mw.mapper import RequestView
 
-__all__ = ["Options", "OptionsError", "RequestView"]
+__all__ = ["ExportStats", "Options", "OptionsError", "RequestView", "export_stats"]
 __version__ = "0.1.0"

@@ -153,3 +153,56 @@ def log_assessment(
 def flush_export() -> None:
     """Export what the batch processor holds now (public API; blocks until written)."""
     mlflow.flush_trace_async_logging()
+
+
+def install_drop_hooks(on_export_drop: Any, on_span_drop: Any) -> None:
+    """Call back on every export MLflow discards (its queues are full); idempotent.
+
+    MLflow's async export queue drops a task when full and warns at most once per 30 s; OTel's
+    batch span processor drops a span when its queue is full and warns per span. The first is
+    counted exactly by giving the queue a counting class, the second by a log filter.
+    """
+    import logging
+    import queue
+
+    from mlflow.tracing.export.async_export_queue import AsyncTraceExportQueue
+
+    class CountingQueue(queue.Queue):  # type: ignore[type-arg]
+        def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+            try:
+                super().put(item, block, timeout)
+            except queue.Full:
+                on_export_drop()
+                raise
+
+    def count_queue(export_queue: Any) -> None:
+        inner = getattr(export_queue, "_queue", None)
+        if type(inner) is queue.Queue:
+            inner.__class__ = CountingQueue
+
+    if not getattr(AsyncTraceExportQueue.__init__, "_mlflow_ctx_mw", False):
+        original_init = AsyncTraceExportQueue.__init__
+
+        def init(self: Any, *args: Any, **kwargs: Any) -> None:
+            original_init(self, *args, **kwargs)
+            count_queue(self)
+
+        init._mlflow_ctx_mw = True  # type: ignore[attr-defined]
+        AsyncTraceExportQueue.__init__ = init  # type: ignore[method-assign]
+
+    from mlflow.tracing.provider import _get_trace_exporter
+
+    exporter = _get_trace_exporter()
+    if exporter is not None and getattr(exporter, "_async_queue", None) is not None:
+        count_queue(exporter._async_queue)
+
+    class SpanDrops(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.getMessage().startswith("Queue full, dropping"):
+                on_span_drop()
+                return False  # replaced by our rate-limited warning
+            return True
+
+    otel_logger = logging.getLogger("opentelemetry.sdk._shared_internal")
+    if not any(type(f).__name__ == "SpanDrops" for f in otel_logger.filters):
+        otel_logger.addFilter(SpanDrops())

@@ -9,6 +9,7 @@ Request state lives on this per-request object, never on the (shared) middleware
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -18,12 +19,14 @@ from mlflow_ctx_mw import _mlflow
 from mlflow_ctx_mw._logonce import log_once
 from mlflow_ctx_mw._recent import RECENT
 from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.export import watch_exports
 from mlflow_ctx_mw.mapper import RequestContext, RequestView, build_context
 
 __all__ = ["RequestSpan", "configure_destination", "flush_pending", "merge_header_list"]
 
 MAX_NAME_PATH = 200
 _T = TypeVar("_T")
+_GONE = (asyncio.CancelledError, GeneratorExit)
 _EXPOSE_NAME = "Access-Control-Expose-Headers"
 _EXPOSE = _EXPOSE_NAME.lower()
 
@@ -174,6 +177,8 @@ class RequestSpan:
         self._done = True
         if self.span is None:
             return
+        if isinstance(error, _GONE) and self.status_code is not None:
+            error = None  # the client left mid-body and the server cancelled us: not an app error
         try:
             error = error or self.error
             status = self.status_code if self.status_code is not None or error is None else 500
@@ -204,6 +209,7 @@ class RequestSpan:
 
 def configure_destination(options: Options) -> None:
     """Called once when a middleware is built; never raises."""
+    watch_exports()
     if options.experiment_id is None:
         return
     try:

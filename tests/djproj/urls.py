@@ -8,4 +8,8 @@ urlpatterns = [
     path("boom", views.boom),
     path("stream", views.stream),
     path("astream", views.astream),
+    path("slow-stream", views.slow_stream),
+    path("aslow-stream", views.aslow_stream),
+    path("broken-stream", views.broken_stream),
+    path("abroken-stream", views.abroken_stream),
 ]

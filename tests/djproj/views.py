@@ -6,7 +6,7 @@ import time
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 
-from apps import STREAM_CHUNKS, STREAM_DELAY, chunk, lookup
+from apps import SLOW_CHUNKS, STREAM_CHUNKS, STREAM_DELAY, async_chunks, chunk, lookup, sync_chunks
 
 
 async def item(request: HttpRequest, item_id: int) -> JsonResponse:
@@ -37,3 +37,19 @@ def astream(request: HttpRequest) -> StreamingHttpResponse:
             yield await sync_to_async(chunk)(i)
 
     return StreamingHttpResponse(body(), content_type="text/event-stream")
+
+
+def slow_stream(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(sync_chunks(SLOW_CHUNKS), content_type="text/event-stream")
+
+
+def aslow_stream(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(async_chunks(SLOW_CHUNKS), content_type="text/event-stream")
+
+
+def broken_stream(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(sync_chunks(2, fail=True), content_type="text/event-stream")
+
+
+def abroken_stream(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(async_chunks(2, fail=True), content_type="text/event-stream")

@@ -1,0 +1,71 @@
+"""Export health. MLflow drops traces when the tracking server ingests slower than the app
+produces them, with one warning per 30 s at best. Every drop is counted here, readable by the
+app (`export_stats()`), and a warning at most once a minute names the knobs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from mlflow_ctx_mw import _mlflow
+
+__all__ = ["ExportStats", "export_stats", "watch_exports"]
+
+logger = logging.getLogger("mlflow_ctx_mw")
+WARN_EVERY_SECONDS = 60.0
+
+_lock = threading.Lock()
+_dropped_exports = 0
+_dropped_spans = 0
+_last_warning = -WARN_EVERY_SECONDS
+_installed = False
+
+
+@dataclass(frozen=True)
+class ExportStats:
+    #: Export tasks MLflow discarded (about two per trace: its spans, its trace info).
+    dropped_exports: int
+    #: Spans OpenTelemetry's batch processor discarded before MLflow saw them.
+    dropped_spans: int
+
+
+def export_stats() -> ExportStats:
+    return ExportStats(_dropped_exports, _dropped_spans)
+
+
+def _dropped(kind: str) -> None:
+    global _dropped_exports, _dropped_spans, _last_warning
+    with _lock:
+        if kind == "export":
+            _dropped_exports += 1
+        else:
+            _dropped_spans += 1
+        now = time.monotonic()
+        if now - _last_warning < WARN_EVERY_SECONDS:
+            return
+        _last_warning = now
+        exports, spans = _dropped_exports, _dropped_spans
+    logger.warning(
+        "MLflow dropped traces: %d export tasks and %d spans so far. The tracking server ingests "
+        "slower than this app produces traces. Raise MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE "
+        "(default 1000) and MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS (default 10), give the server "
+        "more workers on PostgreSQL, or lower sample_ratio. See the README's sizing table.",
+        exports,
+        spans,
+    )
+
+
+def watch_exports() -> None:
+    """Install the drop counters once per process; never raises."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    try:
+        _mlflow.install_drop_hooks(lambda: _dropped("export"), lambda: _dropped("span"))
+    except Exception:
+        from mlflow_ctx_mw._logonce import log_once
+
+        log_once("drop-hooks", "could not watch MLflow's export queue; drops stay silent")

@@ -1,0 +1,31 @@
+"""Test apps for real server processes (uvicorn --factory / gunicorn), configured by env:
+MLFLOW_EXPERIMENT_NAME, MLFLOW_CTX_EXPERIMENT_ID (export there, no network call at start-up),
+MLFLOW_CTX_BARE=1 (no middleware)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlflow
+
+import apps
+
+EXTRA = (
+    {"experiment_id": os.environ["MLFLOW_CTX_EXPERIMENT_ID"]}
+    if os.environ.get("MLFLOW_CTX_EXPERIMENT_ID")
+    else {}
+)
+if not EXTRA and os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+    mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
+
+
+def fastapi() -> object:
+    return apps.fastapi_app(**EXTRA)
+
+
+def flask() -> object:
+    return apps.flask_app(**EXTRA)
