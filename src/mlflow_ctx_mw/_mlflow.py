@@ -155,7 +155,7 @@ def flush_export() -> None:
     mlflow.flush_trace_async_logging()
 
 
-def install_drop_hooks(on_export_drop: Any, on_span_drop: Any) -> None:
+def install_drop_hooks(on_export_drop: Any, on_span_drop: Any, on_export_failure: Any) -> None:
     """Call back on every export MLflow discards (its queues are full); idempotent.
 
     MLflow's async export queue drops a task when full and warns at most once per 30 s; OTel's
@@ -206,3 +206,16 @@ def install_drop_hooks(on_export_drop: Any, on_span_drop: Any) -> None:
     otel_logger = logging.getLogger("opentelemetry.sdk._shared_internal")
     if not any(type(f).__name__ == "SpanDrops" for f in otel_logger.filters):
         otel_logger.addFilter(SpanDrops())
+
+    class ExportFailures(logging.Filter):
+        """A down server makes MLflow warn once per trace: count them, let the caller decide."""
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.levelno >= logging.WARNING and record.getMessage().startswith("Failed to"):
+                return bool(on_export_failure())
+            return True
+
+    for name in ("mlflow.tracing.export.mlflow_v3", "mlflow.tracing.export.async_export_queue"):
+        export_logger = logging.getLogger(name)
+        if not any(type(f).__name__ == "ExportFailures" for f in export_logger.filters):
+            export_logger.addFilter(ExportFailures())

@@ -1,6 +1,7 @@
 """Export health. MLflow drops traces when the tracking server ingests slower than the app
-produces them, with one warning per 30 s at best. Every drop is counted here, readable by the
-app (`export_stats()`), and a warning at most once a minute names the knobs."""
+produces them (one warning per 30 s at best), and warns once per trace when the server is down.
+Both are counted here, readable by the app (`export_stats()`), and logged at most once a minute:
+a warning that names the knobs for drops, MLflow's own warning for failures."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ WARN_EVERY_SECONDS = 60.0
 _lock = threading.Lock()
 _dropped_exports = 0
 _dropped_spans = 0
+_failed_exports = 0
 _last_warning = -WARN_EVERY_SECONDS
+_last_failure_log = -WARN_EVERY_SECONDS
 _installed = False
 
 
@@ -29,10 +32,30 @@ class ExportStats:
     dropped_exports: int
     #: Spans OpenTelemetry's batch processor discarded before MLflow saw them.
     dropped_spans: int
+    #: Export calls that failed (server down, 5xx, timeouts) after MLflow's own retries.
+    failed_exports: int
 
 
 def export_stats() -> ExportStats:
-    return ExportStats(_dropped_exports, _dropped_spans)
+    return ExportStats(_dropped_exports, _dropped_spans, _failed_exports)
+
+
+def _failed() -> bool:
+    """Count an export failure; let MLflow's own warning through at most once a minute."""
+    global _failed_exports, _last_failure_log
+    with _lock:
+        _failed_exports += 1
+        now = time.monotonic()
+        if now - _last_failure_log < WARN_EVERY_SECONDS:
+            return False
+        _last_failure_log = now
+        failed = _failed_exports
+    logger.warning(
+        "MLflow could not export traces (%d failures so far; MLflow's warning follows, then at most "
+        "one a minute): requests are served as usual, their traces are lost.",
+        failed,
+    )
+    return True
 
 
 def _dropped(kind: str) -> None:
@@ -64,7 +87,7 @@ def watch_exports() -> None:
         return
     _installed = True
     try:
-        _mlflow.install_drop_hooks(lambda: _dropped("export"), lambda: _dropped("span"))
+        _mlflow.install_drop_hooks(lambda: _dropped("export"), lambda: _dropped("span"), _failed)
     except Exception:
         from mlflow_ctx_mw._logonce import log_once
 
