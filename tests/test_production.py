@@ -4,6 +4,7 @@ SIGTERM right after a burst (uvicorn, gunicorn); many concurrent requests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import os
 import signal
@@ -62,10 +63,8 @@ class _Broken(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        try:
+        with contextlib.suppress(OSError):  # the exporter gave up waiting: fine
             self.wfile.write(body)
-        except OSError:  # the exporter gave up waiting: fine
-            pass
 
     do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _answer
 
@@ -153,14 +152,14 @@ def test_sigterm_right_after_a_burst_loses_nothing(kind: str, mlflow_server: str
 
 # --- concurrency --------------------------------------------------------------------------------
 
-LOAD = int(os.environ.get("MLFLOW_CTX_LOAD_REQUESTS", "300"))
+LOAD = int(os.environ.get("MLFLOW_CTX_LOAD_REQUESTS", "200"))
 CONCURRENCY = 64
 
 
 def test_concurrent_requests_each_get_exactly_their_own_trace(served: tuple[str, str]) -> None:
     """LOAD requests at concurrency 64 with distinct ids: LOAD traces, 0 lost, 0 mixed.
 
-    The suite runs 300 per adapter (a local SQLite server ingests ~30 traces/s here);
+    The suite runs 200 per adapter (a local SQLite server ingests ~30 traces/s here);
     MLFLOW_CTX_LOAD_REQUESTS=2000 runs the full-size check.
     """
     _, url = served
