@@ -15,7 +15,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests examples
+	$(PY) -m ruff check src tests examples bench
 
 # The browser test drives Debian's Chromium (installed here when we may; skipped otherwise).
 chromium:

@@ -49,10 +49,14 @@ def postgres(workdir: Path) -> Iterator[str]:
         check=True, capture_output=True,
     )  # fmt: skip
     try:
-        subprocess.run([*as_pg, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "mlflow"], check=True)
+        subprocess.run(
+            [*as_pg, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "mlflow"], check=True
+        )
         yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
     finally:
-        subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        subprocess.run(
+            [*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True
+        )
 
 
 @contextmanager
@@ -140,14 +144,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     return {
         "store": args.store, "workers": args.workers, "mode": "burst" if args.rate == 0 else "sustained",
         "offered_rate": args.rate or round(total / produced, 1), "traces": total, "landed": landed,
-        "lost": total - landed, "dropped_exports": stats.dropped_exports, "dropped_spans": stats.dropped_spans,
+        "lost": total - landed, "dropped_exports": stats.dropped_exports,
+        "dropped_spans": stats.dropped_spans, "failed_exports": stats.failed_exports,
         "seconds_to_produce": round(produced, 2), "seconds_until_all_written": round(drained, 2),
         "ingest_traces_per_s": round(landed / drained, 1),
     }  # fmt: skip
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0, help="traces/s; 0 = one burst")
