@@ -55,7 +55,7 @@ class MlflowContextMiddleware:
         if _is_feedback(self.options, scope):
             await _feedback(self.options, scope, receive, send)
             return
-        rs = RequestSpan.open(self.options, _view(scope))
+        rs = RequestSpan.open(self.options, _view, scope)
         if rs is None:
             await self.app(scope, receive, send)
             return
@@ -165,8 +165,11 @@ def _route(scope: Scope, root_path: str) -> str | None:
 
 
 def _add_headers(headers: Any, rs: RequestSpan) -> list[tuple[bytes, bytes]]:
+    """Response headers with ours added; names lower-cased as ASGI asks."""
     decoded = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
-    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in rs.apply_headers(decoded)]
+    return [
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in rs.apply_headers(decoded)
+    ]
 
 
 def _wrap_error_middleware(scope: Scope) -> None:

@@ -21,7 +21,7 @@ from mlflow_ctx_mw.span import RequestSpan, configure_destination
 
 __all__ = ["MlflowContextMiddleware"]
 
-_ATTR = "_mlflow_ctx_span"
+_ERROR = "_mlflow_ctx_error"
 
 
 class MlflowContextMiddleware:
@@ -48,7 +48,7 @@ class MlflowContextMiddleware:
             return self.get_response(request)
         with rs:
             response = self.get_response(request)
-        return _respond(rs, response)
+        return _respond(rs, request, response)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         if self.options.excluded(request.path_info):
@@ -60,33 +60,31 @@ class MlflowContextMiddleware:
             return await self.get_response(request)  # type: ignore[no-any-return]
         with rs:
             response = await self.get_response(request)
-        return _respond(rs, response)
+        return _respond(rs, request, response)
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> None:
         """Django turns a view's exception into a 500 before we see it; keep it for the span."""
-        rs = getattr(request, _ATTR, None)
-        if rs is not None:
-            rs.error = exception
+        setattr(request, _ERROR, exception)
 
     def _is_feedback(self, request: HttpRequest) -> bool:
         target = self.options.feedback_path
         return target is not None and request.path_info == target and request.method != "OPTIONS"
 
     def _open(self, request: HttpRequest) -> RequestSpan | None:
-        rs = RequestSpan.open(
-            self.options,
-            RequestView(
-                method=request.method or "GET",
-                path=request.path,
-                query_string=request.META.get("QUERY_STRING", ""),
-                headers=request.headers,
-                native=request,
-            ),
-        )
+        rs = RequestSpan.open(self.options, _view, request)
         if rs is not None:
-            rs.resolve_route = lambda: _route(request)
-            setattr(request, _ATTR, rs)
+            rs.resolve_route = lambda: _route(request)  # no reference back: no cycle to collect
         return rs
+
+
+def _view(request: HttpRequest) -> RequestView:
+    return RequestView(
+        method=request.method or "GET",
+        path=request.path,
+        query_string=request.META.get("QUERY_STRING", ""),
+        headers=request.headers,
+        native=request,
+    )
 
 
 def _route(request: HttpRequest) -> str | None:
@@ -109,7 +107,8 @@ def _feedback(options: Options, request: HttpRequest) -> HttpResponse:
     return response
 
 
-def _respond(rs: RequestSpan, response: HttpResponseBase) -> HttpResponseBase:
+def _respond(rs: RequestSpan, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+    rs.error = getattr(request, _ERROR, None)
     for name, value in rs.apply_headers(response.items()):
         response[name] = value
     rs.status_code = response.status_code

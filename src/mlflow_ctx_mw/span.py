@@ -26,6 +26,7 @@ __all__ = ["RequestSpan", "configure_destination", "flush_pending", "merge_heade
 
 MAX_NAME_PATH = 200
 _T = TypeVar("_T")
+_N = TypeVar("_N")
 _GONE = (asyncio.CancelledError, GeneratorExit)
 _EXPOSE_NAME = "Access-Control-Expose-Headers"
 _EXPOSE = _EXPOSE_NAME.lower()
@@ -84,9 +85,10 @@ class RequestSpan:
         self.error: BaseException | None = None
 
     @classmethod
-    def open(cls, options: Options, view: RequestView) -> RequestSpan | None:
-        """Map the request and start its root span; None if our own code failed."""
+    def open(cls, options: Options, make_view: Callable[[_N], RequestView], native: _N) -> RequestSpan | None:
+        """Map the request and start its root span; None if our own code failed on it."""
         try:
+            view = make_view(native)
             context = build_context(options, view)
             rs = cls(options, context, view.method, view.path)
         except Exception:

@@ -37,7 +37,7 @@ class MlflowContextMiddleware:
         target = self.options.feedback_path
         if target and environ.get("PATH_INFO") == target and environ.get("REQUEST_METHOD") != "OPTIONS":
             return _feedback(self.options, environ, start_response)
-        rs = RequestSpan.open(self.options, _view(environ))
+        rs = RequestSpan.open(self.options, _view, environ)
         if rs is None:
             return self.app(environ, start_response)
 
