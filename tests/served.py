@@ -19,7 +19,9 @@ EXTRA = (
     if os.environ.get("MLFLOW_CTX_EXPERIMENT_ID")
     else {}
 )
-if not EXTRA and os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+if apps.BARE:
+    mlflow.tracing.disable()  # the baseline: the same app, not traced at all
+elif not EXTRA and os.environ.get("MLFLOW_EXPERIMENT_NAME"):
     mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
 
 
