@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.server
+import json
 import os
 import signal
 import statistics
@@ -201,3 +202,43 @@ def test_concurrent_requests_each_get_exactly_their_own_trace(served: tuple[str,
         )
         assert trace.info.tags["looked_up"] == str(i)  # the handler's own update landed on its own trace
     assert export_stats() == before
+
+
+# --- drops are visible ----------------------------------------------------------------------------
+
+DROP_SCRIPT = """
+import json, logging, sys
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+from mlflow_ctx_mw import _mlflow, export_stats
+from mlflow_ctx_mw.span import configure_destination
+from mlflow_ctx_mw import Options
+configure_destination(Options(experiment_id="0"))
+for i in range(300):
+    span = _mlflow.start_root_span("GET /", inputs={}, metadata={}, tags={}, client_request_id=f"r{i}")
+    _mlflow.end_span(span, name="GET /", status_code=200, error=None)
+import mlflow
+mlflow.flush_trace_async_logging()
+print(json.dumps(export_stats().__dict__))
+"""
+
+
+def test_export_drops_are_counted_and_warned_once(tmp_path: Path) -> None:
+    """A queue too small for the load (2 tasks, a slow server): drops show in export_stats()."""
+    with broken_tracking_server("slow") as tracking:
+        env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": tracking,
+            "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE": "2",
+            "MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS": "1",
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "1",
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", DROP_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        )
+    assert out.returncode == 0, out.stderr[-2000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["dropped_exports"] > 0
+    ours = [line for line in out.stderr.splitlines() if "MLflow dropped traces" in line]
+    assert len(ours) == 1, ours
+    assert "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE" in ours[0]
