@@ -129,7 +129,8 @@ def asgi_variants() -> dict[str, tuple[Any, str]]:
 
 def asgi_runner(app: Any, path: str) -> Callable[[int], None]:
     scope_template = {"type": "http", "method": "POST", "path": path, "query_string": b"", "headers": HEADERS,
-                      "root_path": "", "scheme": "http", "http_version": "1.1", "server": ("bench", 80)}  # fmt: skip
+                      "root_path": "", "scheme": "http", "http_version": "1.1",
+                      "server": ("bench", 80)}  # fmt: skip
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -169,7 +170,8 @@ def wsgi_variants() -> dict[str, tuple[Any, str]]:
 def wsgi_runner(app: Any, path: str) -> Callable[[int], None]:
     environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
                "SERVER_NAME": "bench", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
-               "HTTP_X_REQUEST_ID": "bench-req-1", "HTTP_X_SESSION_ID": "s-1", "HTTP_X_USER_ID": "u-1"}  # fmt: skip
+               "HTTP_X_REQUEST_ID": "bench-req-1", "HTTP_X_SESSION_ID": "s-1",
+               "HTTP_X_USER_ID": "u-1"}  # fmt: skip
 
     def start_response(*args: Any) -> None:
         pass
