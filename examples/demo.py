@@ -68,6 +68,7 @@ def start_apps(stack: ExitStack, tracking_uri: str, workdir: Path) -> dict[str, 
             "DEPLOYMENT_ID": f"{name}-local",
             "REGION": "local",
             "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")]),
+            "DJANGO_SETTINGS_MODULE": "chatsite.settings",
         }
         procs[name] = stack.enter_context(process(command, cwd=cwd, env=env, log=workdir / f"{name}.log"))
         urls[name] = f"http://127.0.0.1:{port}"
