@@ -1,8 +1,19 @@
 """MLflow trace context for every HTTP request: ASGI, WSGI and Django middleware."""
 
 from mlflow_ctx_mw.config import Options, OptionsError
+from mlflow_ctx_mw.context import RequestInfo, TraceContextFilter, current_request, outgoing_headers
 from mlflow_ctx_mw.export import ExportStats, export_stats
 from mlflow_ctx_mw.mapper import RequestView
 
-__all__ = ["ExportStats", "Options", "OptionsError", "RequestView", "export_stats"]
+__all__ = [
+    "ExportStats",
+    "Options",
+    "OptionsError",
+    "RequestInfo",
+    "RequestView",
+    "TraceContextFilter",
+    "current_request",
+    "export_stats",
+    "outgoing_headers",
+]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ import contextvars
 from typing import Any
 
 import mlflow
-from mlflow.entities import SpanStatusCode
+from mlflow.entities import Link, SpanStatusCode
 from mlflow.entities.span import NO_OP_SPAN_TRACE_ID, LiveSpan
 from mlflow.tracing.provider import detach_span_from_context, set_span_in_context
 from mlflow.tracing.trace_manager import InMemoryTraceManager
@@ -33,6 +33,7 @@ def start_root_span(
     metadata: dict[str, str],
     tags: dict[str, str],
     client_request_id: str,
+    caller: tuple[str, str] | None = None,
 ) -> LiveSpan | None:
     """A recording root span with its trace fields set in one go, or None (sampled out, disabled).
 
@@ -40,10 +41,15 @@ def start_root_span(
     stale trace (a span leaked by other code), so then it starts in an empty context instead.
     """
     start = mlflow.start_span_no_context
+    # A caller's traceparent becomes a span link, not a parent: a remote parent stores nothing
+    # with the default batch processor and loses our metadata (measured on mlflow 3.17.2).
+    links = [Link(trace_id=f"tr-{caller[0]}", span_id=caller[1])] if caller else None
     if mlflow.get_current_active_span() is None:
-        span = start(name, inputs=inputs, metadata=metadata, tags=tags)
+        span = start(name, inputs=inputs, metadata=metadata, tags=tags, links=links)
     else:
-        span = contextvars.Context().run(start, name, inputs=inputs, metadata=metadata, tags=tags)
+        span = contextvars.Context().run(
+            start, name, inputs=inputs, metadata=metadata, tags=tags, links=links
+        )
     if span.trace_id == NO_OP_SPAN_TRACE_ID:
         return None
     with InMemoryTraceManager.get_instance().get_trace(span.trace_id) as trace:
@@ -219,3 +225,9 @@ def install_drop_hooks(on_export_drop: Any, on_span_drop: Any, on_export_failure
         export_logger = logging.getLogger(name)
         if not any(type(f).__name__ == "ExportFailures" for f in export_logger.filters):
             export_logger.addFilter(ExportFailures())
+
+
+def traceparent(span: LiveSpan) -> str:
+    """The W3C traceparent naming `span`, for calls this request makes to other services."""
+    context = span._span.get_span_context()
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-01"

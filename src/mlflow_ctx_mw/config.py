@@ -36,6 +36,7 @@ SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie",
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 RequestHook = Callable[["RequestView"], "Mapping[str, Mapping[str, str]] | None"]
+UserResolver = Callable[["RequestView"], "str | None"]
 
 
 class OptionsError(ValueError):
@@ -102,6 +103,13 @@ class Options:
     sample_ratio: float = 1.0
     #: At ASGI lifespan shutdown, wait this long for pending traces to reach MLflow.
     shutdown_flush_seconds: float = 10.0
+    #: The request's user id. None: the framework's authenticated user (Django request.user,
+    #: Starlette scope["user"], Flask-Login), else the user header if trusted.
+    user_resolver: UserResolver | None = None
+    #: May the X-User-ID header name the user when no authenticated user exists?
+    trust_user_header: bool = True
+    #: Link this request's trace to a caller's W3C `traceparent` (turn off for public endpoints).
+    accept_traceparent: bool = True
 
     # Derived once at start-up.
     env_values: Mapping[str, str] = field(init=False, repr=False, compare=False)
@@ -122,11 +130,12 @@ class Options:
             value = _header_name(name, getattr(self, name))
             if value.lower() in SENSITIVE_HEADERS:
                 raise OptionsError(f"{name}: {value!r} carries credentials and is never recorded")
-        for name in ("echo_request_id", "expose_headers"):
+        for name in ("echo_request_id", "expose_headers", "trust_user_header", "accept_traceparent"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"{name}: expected a bool, got {getattr(self, name)!r}")
-        if self.request_hook is not None and not callable(self.request_hook):
-            raise OptionsError(f"request_hook: expected a callable, got {self.request_hook!r}")
+        for name in ("request_hook", "user_resolver"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise OptionsError(f"{name}: expected a callable, got {getattr(self, name)!r}")
         if self.experiment_id is not None and (
             not isinstance(self.experiment_id, str) or not self.experiment_id.strip()
         ):

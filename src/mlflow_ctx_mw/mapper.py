@@ -16,6 +16,7 @@ from typing import Any
 
 from mlflow_ctx_mw._logonce import log_once
 from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.users import authenticated_user
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -33,6 +34,8 @@ MAX_ID_LENGTH = 50
 MAX_METADATA_LENGTH = 250
 MAX_TAG_LENGTH = 1000
 SESSION_KEY = "mlflow.trace.session"
+#: The caller's trace id ("tr-" + its W3C trace id), searchable as metadata.
+CALLER_KEY = "mlflow_ctx.caller_trace_id"
 USER_KEY = "mlflow.trace.user"
 
 # Printable ASCII without quotes, backticks or backslashes: MLflow's filter strings have no
@@ -66,6 +69,8 @@ class RequestContext:
     tags: dict[str, str] = field(default_factory=dict)
     session_id: str | None = None
     user_id: str | None = None
+    #: The caller's (trace id, span id) from a valid `traceparent`, when accepted.
+    caller: tuple[str, str] | None = None
 
 
 def clean_id(value: str | None, limit: int) -> str | None:
@@ -111,12 +116,46 @@ def build_context(options: Options, view: RequestView) -> RequestContext:
     if options.request_hook is not None:
         _apply_hook(options, view, ctx)
     ctx.session_id = clean_id(headers.get(options.session_id_header.lower()), MAX_METADATA_LENGTH)
-    ctx.user_id = clean_id(headers.get(options.user_id_header.lower()), MAX_METADATA_LENGTH)
+    ctx.user_id = resolve_user(options, view)
+    if options.accept_traceparent:
+        ctx.caller = parse_traceparent(headers.get("traceparent"))
+        if ctx.caller is not None:
+            metadata[CALLER_KEY] = f"tr-{ctx.caller[0]}"
     if ctx.session_id is not None:
         metadata[SESSION_KEY] = ctx.session_id
     if ctx.user_id is not None:
         metadata[USER_KEY] = ctx.user_id
     return ctx
+
+
+def resolve_user(options: Options, view: RequestView) -> str | None:
+    """The configured resolver, else the framework's authenticated user, else the trusted header.
+
+    A resolver's failure is logged once and the header (if trusted) decides.
+    """
+    try:
+        user = (options.user_resolver or authenticated_user)(view)
+    except Exception:
+        log_once("user_resolver", "user_resolver failed; falling back to the user header")
+        user = None
+    if user is not None:
+        return clean_id(str(user), MAX_METADATA_LENGTH)
+    if options.trust_user_header:
+        return clean_id(view.headers.get(options.user_id_header.lower()), MAX_METADATA_LENGTH)
+    return None
+
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+
+
+def parse_traceparent(value: str | None) -> tuple[str, str] | None:
+    """(trace id, span id) in hex from a W3C traceparent, or None if absent or invalid."""
+    if not value or len(value) > 128:
+        return None
+    match = _TRACEPARENT.match(value.strip().lower())
+    if match is None or set(match.group(1)) == {"0"} or set(match.group(2)) == {"0"}:
+        return None
+    return match.group(1), match.group(2)
 
 
 def _apply_hook(options: Options, view: RequestView, ctx: RequestContext) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import random
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextvars import ContextVar, Token
 from typing import TypeVar
 
 from mlflow_ctx_mw import _mlflow
@@ -28,6 +29,9 @@ MAX_NAME_PATH = 200
 _T = TypeVar("_T")
 _N = TypeVar("_N")
 _GONE = (asyncio.CancelledError, GeneratorExit)
+
+#: The request being served in this context (read by current_request() and the log filter).
+CURRENT: ContextVar[RequestSpan | None] = ContextVar("mlflow_ctx_mw_request", default=None)
 _EXPOSE_NAME = "Access-Control-Expose-Headers"
 _EXPOSE = _EXPOSE_NAME.lower()
 
@@ -49,6 +53,7 @@ class RequestSpan:
     """One request: its context, its root span (if recording) and the headers to answer with."""
 
     __slots__ = (
+        "_current_token",
         "_done",
         "_method",
         "_options",
@@ -71,6 +76,7 @@ class RequestSpan:
         self._method = method
         self._path = path
         self._token: object = None
+        self._current_token: Token[RequestSpan | None] | None = None
         self._done = False
         self._sampled_out = False
         self.span: _mlflow.LiveSpan | None = None
@@ -105,6 +111,7 @@ class RequestSpan:
                 metadata=context.metadata,
                 tags=context.tags,
                 client_request_id=context.request_id,
+                caller=context.caller,
             )
             rs.trace_id = rs.span.trace_id if rs.span is not None else None
         except Exception:
@@ -114,6 +121,7 @@ class RequestSpan:
 
     def attach(self) -> None:
         """Make the root span current so handler code (@mlflow.trace, update_current_trace) joins it."""
+        self._current_token = CURRENT.set(self)
         try:
             if self.span is not None:
                 self._token = _mlflow.attach(self.span)
@@ -124,6 +132,9 @@ class RequestSpan:
 
     def detach(self) -> None:
         """Undo attach(); must run in the same context that attached."""
+        current, self._current_token = self._current_token, None
+        if current is not None:
+            CURRENT.reset(current)
         token, self._token = self._token, None
         if token is None:
             return
@@ -134,6 +145,10 @@ class RequestSpan:
                 _mlflow.detach(token)
         except Exception:
             log_once("detach", "MLflow could not detach the request span")
+
+    @property
+    def options(self) -> Options:
+        return self._options
 
     def response_headers(self) -> list[tuple[str, str]]:
         """Headers to add to the response: trace id, echoed request id."""

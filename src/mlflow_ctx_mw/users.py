@@ -1,0 +1,50 @@
+"""Who made the request: the app's authenticated user first, the X-User-ID header as a fallback.
+
+Built-ins read what the framework's own auth put on the request: Django's `request.user` (place
+the middleware after AuthenticationMiddleware), Starlette/FastAPI's `scope["user"]` (from
+AuthenticationMiddleware), Flask-Login's `current_user`. `trust_user_header` says whether the
+header may name the user when no authenticated user exists (default: yes, as the seeds do).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow_ctx_mw.mapper import RequestView
+
+__all__ = ["authenticated_user"]
+
+
+def _name(user: Any) -> str | None:
+    """A stable id for an authenticated user object, or None if it is anonymous."""
+    if user is None or not getattr(user, "is_authenticated", False):
+        return None
+    for attribute in ("get_username", "get_id", "identity", "display_name", "username", "id", "pk"):
+        value = getattr(user, attribute, None)
+        if callable(value):
+            value = value()
+        if value not in (None, ""):
+            return str(value)
+    return None
+
+
+def authenticated_user(view: RequestView) -> str | None:
+    """The framework's authenticated user for this request, if any (never raises on odd objects)."""
+    native = view.native
+    if isinstance(native, dict):
+        if "type" in native:  # an ASGI scope: Starlette's AuthenticationMiddleware sets "user"
+            return _name(native.get("user"))
+        return _flask_login_user()  # a WSGI environ
+    return _name(getattr(native, "user", None))  # Django's HttpRequest
+
+
+def _flask_login_user() -> str | None:
+    try:
+        from flask import has_request_context
+        from flask_login import current_user
+    except ImportError:
+        return None
+    if not has_request_context():
+        return None
+    return _name(current_user._get_current_object())
