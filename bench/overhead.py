@@ -226,7 +226,12 @@ def main() -> None:
             "asgi": measure(asgi_variants(), asgi_runner, args.requests, args.rounds),
             "wsgi": measure(wsgi_variants(), wsgi_runner, args.requests, args.rounds),
         }
-        mlflow.tracing.disable()  # what is still queued need not reach the server
+    report_and_exit(args, results)
+
+
+def report_and_exit(args: argparse.Namespace, results: dict[str, dict[str, float]]) -> None:
+    import mlflow
+
     report = {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
               "mlflow": mlflow.__version__, "requests_per_round": args.requests, "rounds": args.rounds,
               "us_per_request": results}  # fmt: skip
@@ -237,7 +242,8 @@ def main() -> None:
             print(f"{name:<28}{value:>12.1f}{value - bare:>12.1f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"overhead-{int(time.time())}.json").write_text(json.dumps(report, indent=2))
-    os._exit(0)  # skip flushing thousands of queued bench traces
+    sys.stdout.flush()
+    os._exit(0)  # skip flushing thousands of queued bench traces (and the server's stop)
 
 
 if __name__ == "__main__":

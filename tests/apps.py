@@ -8,6 +8,7 @@ chunks, for client disconnects), /broken-stream (raises after its first chunk).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -54,9 +55,13 @@ async def async_chunks(count: int, fail: bool = False):  # type: ignore[no-untyp
             raise RuntimeError("broken mid-stream")
 
 
+log = logging.getLogger("tests.apps")
+
+
 @mlflow.trace(name="lookup")
 def lookup(item_id: int) -> int:
     mlflow.update_current_trace(tags={"looked_up": str(item_id)})  # handler code updates our trace
+    log.info("looked up %s", item_id)  # joined with the trace by TraceContextFilter
     return item_id * 2
 
 

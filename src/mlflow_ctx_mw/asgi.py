@@ -113,9 +113,9 @@ async def _feedback(options: Options, scope: Scope, receive: Receive, send: Send
             body = await _read_body(receive, options.feedback_max_bytes)
     if method == "POST" and body is not None:
         loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(None, feedback_response, options, method, view.headers, body)
+        answer = await loop.run_in_executor(None, feedback_response, options, view, body)
     else:
-        answer = feedback_response(options, method, view.headers, body)
+        answer = feedback_response(options, view, body)
     status, headers, payload = answer
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
     raw.append((b"content-length", str(len(payload)).encode()))

@@ -100,7 +100,7 @@ def _feedback(options: Options, request: HttpRequest) -> HttpResponse:
     body: bytes | None = b""
     if request.method == "POST":
         body = read_limited(request.read, request.META.get("CONTENT_LENGTH"), options.feedback_max_bytes)
-    status, headers, payload = feedback_response(options, request.method or "GET", request.headers, body)
+    status, headers, payload = feedback_response(options, _view(request), body)
     response = HttpResponse(payload, status=status)
     for name, value in headers:
         response[name] = value

@@ -23,7 +23,14 @@ from mlflow_ctx_mw import _mlflow
 from mlflow_ctx_mw._logonce import log_once
 from mlflow_ctx_mw._recent import RECENT
 from mlflow_ctx_mw.config import Options
-from mlflow_ctx_mw.mapper import MAX_ID_LENGTH, MAX_METADATA_LENGTH, clean_id, clean_text
+from mlflow_ctx_mw.mapper import (
+    MAX_ID_LENGTH,
+    MAX_METADATA_LENGTH,
+    RequestView,
+    clean_id,
+    clean_text,
+    resolve_user,
+)
 
 __all__ = ["FeedbackError", "FeedbackResult", "declared_too_large", "feedback_response", "log_feedback"]
 
@@ -272,16 +279,19 @@ def handle_feedback(options: Options, user: str | None, body: bytes) -> tuple[in
 
 
 def feedback_response(
-    options: Options, method: str, headers: Mapping[str, str], body: bytes | None
+    options: Options, view: RequestView, body: bytes | None
 ) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Status, headers and JSON body for the built-in endpoint. `body` None means: over the limit."""
+    """Status, headers and JSON body for the built-in endpoint. `body` None means: over the limit.
+
+    The assessment's source id is the request's user, resolved as for traces.
+    """
+    method = view.method
     if method != "POST":
         status, payload = 405, {"error": "use POST"}
     elif body is None:
         status, payload = 413, {"error": f"body larger than {options.feedback_max_bytes} bytes"}
     else:
-        user = headers.get(options.user_id_header.lower())
-        status, payload = handle_feedback(options, user, body)
+        status, payload = handle_feedback(options, resolve_user(options, view), body)
     out = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
     if status == 405:
         out.append(("Allow", "POST"))

@@ -21,7 +21,7 @@ from mlflow_ctx_mw._logonce import log_once
 from mlflow_ctx_mw._recent import RECENT
 from mlflow_ctx_mw.config import Options
 from mlflow_ctx_mw.export import watch_exports
-from mlflow_ctx_mw.mapper import RequestContext, RequestView, build_context
+from mlflow_ctx_mw.mapper import USER_KEY, RequestContext, RequestView, build_context
 
 __all__ = ["RequestSpan", "configure_destination", "flush_pending", "merge_header_list"]
 
@@ -145,6 +145,17 @@ class RequestSpan:
                 _mlflow.detach(token)
         except Exception:
             log_once("detach", "MLflow could not detach the request span")
+
+    def learn_user(self, user: str | None) -> None:
+        """A user known only once the app ran (Flask-Login) replaces the header's."""
+        if not user or user == self.context.user_id:
+            return
+        self.context.user_id = user
+        if self.span is not None:
+            try:
+                _mlflow.set_trace_metadata(self.span, {USER_KEY: user})
+            except Exception:
+                log_once("user", "MLflow could not record the authenticated user")
 
     @property
     def options(self) -> Options:

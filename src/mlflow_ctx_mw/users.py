@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mlflow_ctx_mw.mapper import RequestView
 
-__all__ = ["authenticated_user"]
+__all__ = ["authenticated_user", "flask_login_user"]
 
 
 def _name(user: Any) -> str | None:
@@ -35,16 +35,30 @@ def authenticated_user(view: RequestView) -> str | None:
     if isinstance(native, dict):
         if "type" in native:  # an ASGI scope: Starlette's AuthenticationMiddleware sets "user"
             return _name(native.get("user"))
-        return _flask_login_user()  # a WSGI environ
+        return flask_login_user()  # a WSGI environ
     return _name(getattr(native, "user", None))  # Django's HttpRequest
 
 
-def _flask_login_user() -> str | None:
+def flask_login_user() -> str | None:
+    """Flask-Login's current user, inside a Flask request context; None elsewhere."""
+    if _flask_login is None:
+        return None
+    has_request_context, current_user = _flask_login
+    try:
+        if not has_request_context():
+            return None
+        return _name(current_user._get_current_object())
+    except Exception:  # Flask-Login installed but not set up on this app, or a broken loader
+        return None
+
+
+def _import_flask_login() -> tuple[Any, Any] | None:
     try:
         from flask import has_request_context
         from flask_login import current_user
     except ImportError:
         return None
-    if not has_request_context():
-        return None
-    return _name(current_user._get_current_object())
+    return has_request_context, current_user
+
+
+_flask_login = _import_flask_login()  # once: a failed import per request would cost ~10 us

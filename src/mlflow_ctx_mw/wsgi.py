@@ -17,6 +17,7 @@ from mlflow_ctx_mw.config import Options
 from mlflow_ctx_mw.feedback import feedback_response, read_limited
 from mlflow_ctx_mw.mapper import RequestView
 from mlflow_ctx_mw.span import RequestSpan, configure_destination
+from mlflow_ctx_mw.users import flask_login_user
 
 __all__ = ["MlflowContextMiddleware"]
 
@@ -44,8 +45,11 @@ class MlflowContextMiddleware:
         def start_response_with_context(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
             code = status.split(" ", 1)[0]
             rs.status_code = int(code) if code.isdigit() else None
-            # Flask clears environ["werkzeug.request"] when its request context pops: read now.
+            # Flask clears environ["werkzeug.request"] when its request context pops: read now,
+            # and Flask-Login's user, which exists only inside that context.
             rs.route = _route(environ)
+            if self.options.user_resolver is None:
+                rs.learn_user(flask_login_user())
             return start_response(status, rs.apply_headers(headers), *exc_info)
 
         rs.resolve_route = lambda: _route(environ)
@@ -93,7 +97,7 @@ def _feedback(options: Options, environ: Environ, start_response: StartResponse)
         stream = environ.get("wsgi.input")
         read = stream.read if stream is not None else (lambda n: b"")
         body = read_limited(read, environ.get("CONTENT_LENGTH"), options.feedback_max_bytes)
-    status, headers, payload = feedback_response(options, view.method, view.headers, body)
+    status, headers, payload = feedback_response(options, view, body)
     headers.append(("Content-Length", str(len(payload))))
     start_response(f"{status} {HTTPStatus(status).phrase}", headers)
     return [payload]

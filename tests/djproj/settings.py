@@ -9,6 +9,7 @@ DATABASES: dict[str, dict[str, str]] = {}
 USE_TZ = True
 MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
+    "djproj.auth.BearerAuthMiddleware",  # before ours, as AuthenticationMiddleware would be
     "mlflow_ctx_mw.django.MlflowContextMiddleware",
 ]
 from apps import OPTIONS  # noqa: E402
