@@ -187,7 +187,7 @@ def test_helper_validates_like_the_endpoint(mlflow_server: str) -> None:
 def test_tracking_server_down_is_503(monkeypatch: pytest.MonkeyPatch, mlflow_server: str) -> None:
     """MLflow unreachable (closed port): a JSON 503, not a hang or a stack trace."""
     from conftest import free_port
-    from mlflow_ctx_mw import Options
+    from mlflow_ctx_mw import Options, RequestView
     from mlflow_ctx_mw.feedback import feedback_response
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -195,8 +195,7 @@ def test_tracking_server_down_is_503(monkeypatch: pytest.MonkeyPatch, mlflow_ser
     try:
         status, _, body = feedback_response(
             Options(feedback_wait_seconds=0.5),
-            "POST",
-            {},
+            RequestView("POST", "/mlflow/feedback", "", {}),
             b'{"trace_id": "tr-' + b"a" * 32 + b'", "value": 1}',
         )
     finally:

@@ -132,7 +132,7 @@ def test_unusable_request_id_is_replaced(served: tuple[str, str]) -> None:
 
 def test_custom_header_maps_from_options(served: tuple[str, str]) -> None:
     _, url = served
-    headers = {**ids(), "X-Tenant": "acme", "X-Client-Version": "ios-3.1", "Authorization": "Bearer s3cret"}
+    headers = {**ids(), "X-Tenant": "acme", "X-Client-Version": "ios-3.1", "Authorization": "Basic s3cret"}
     response = httpx.get(url + "/items/2", headers=headers)
     trace = get_trace(response.headers["X-Trace-ID"])
     assert trace.info.tags["tenant"] == "acme"
