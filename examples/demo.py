@@ -44,6 +44,13 @@ def process(
 
 def start_apps(stack: ExitStack, tracking_uri: str, workdir: Path) -> dict[str, str]:
     """The three examples, each in its own server process; returns name -> base URL."""
+    import mlflow
+
+    # Create the experiment first: three apps creating it at once race, and the losers' spans
+    # would have no experiment to go to.
+    client = mlflow.MlflowClient(tracking_uri)
+    if client.get_experiment_by_name(EXPERIMENT) is None:
+        client.create_experiment(EXPERIMENT)
     py = sys.executable
     specs = {
         # name: (cwd, command, app version)
