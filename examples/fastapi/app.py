@@ -20,7 +20,7 @@ from mlflow_ctx_mw.asgi import MlflowContextMiddleware
 mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "chat-examples"))
 
 app = FastAPI(title="mlflow-ctx-mw FastAPI example")
-app.add_middleware(MlflowContextMiddleware)
+app.add_middleware(MlflowContextMiddleware, exclude_paths=["/health"])
 
 
 class ChatIn(BaseModel):

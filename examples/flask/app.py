@@ -18,7 +18,7 @@ from mlflow_ctx_mw.wsgi import MlflowContextMiddleware
 mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "chat-examples"))
 
 app = Flask(__name__)
-app.wsgi_app = MlflowContextMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+app.wsgi_app = MlflowContextMiddleware(app.wsgi_app, exclude_paths=["/health"])  # type: ignore[method-assign]
 
 
 @mlflow.trace(span_type="LLM")

@@ -20,4 +20,5 @@ MIDDLEWARE = [
 # Optional: same keys as the FastAPI/Flask keyword options.
 MLFLOW_CTX = {
     "header_tags": {"X-Client": "client"},
+    "exclude_paths": ["/health"],
 }
