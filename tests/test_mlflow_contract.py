@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import mlflow
 import pytest
 
@@ -57,3 +59,16 @@ class _disabled:
 
     def __exit__(self, *exc: object) -> None:
         mlflow.tracing.enable()
+
+
+def test_an_explicit_experiment_id_decides_where_the_trace_goes() -> None:
+    """Used for an experiment named only by the environment (tests/test_destination.py)."""
+    other = mlflow.create_experiment(f"contract-{uuid.uuid4().hex[:8]}")
+    span = _mlflow.start_root_span(
+        "GET /", inputs={}, metadata={}, tags={}, client_request_id="r3", experiment_id=other
+    )
+    assert span is not None
+    _mlflow.end_span(span, name="GET /", status_code=200, error=None)
+    mlflow.flush_trace_async_logging()
+    assert mlflow.get_trace(span.trace_id).info.experiment_id == other
+    assert not _mlflow.env_experiment_pending()  # the suite has set an experiment in this process

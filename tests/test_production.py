@@ -211,7 +211,7 @@ DROP_SCRIPT = """
 import json, logging, sys
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 from mlflow_ctx_mw import _mlflow, export_stats
-from mlflow_ctx_mw.span import configure_destination
+from mlflow_ctx_mw.destination import configure_destination
 from mlflow_ctx_mw import Options
 configure_destination(Options(experiment_id="0"))
 for i in range(300):

@@ -35,6 +35,7 @@ def start_root_span(
     tags: dict[str, str],
     client_request_id: str,
     caller: tuple[str, str] | None = None,
+    experiment_id: str | None = None,
 ) -> LiveSpan | None:
     """A recording root span with its trace fields set in one go, or None (sampled out, disabled).
 
@@ -45,10 +46,13 @@ def start_root_span(
     # A caller's traceparent becomes a span link, not a parent: a remote parent stores nothing
     # with the default batch processor and loses our metadata (measured on mlflow 3.17.2).
     links = [Link(trace_id=f"tr-{caller[0]}", span_id=caller[1])] if caller else None
+    fields: dict[str, Any] = {"metadata": metadata, "tags": tags, "links": links}
+    if experiment_id is not None:
+        fields["experiment_id"] = experiment_id
     if mlflow.get_current_active_span() is None:
-        span = start(name, metadata=metadata, tags=tags, links=links)
+        span = start(name, **fields)
     else:
-        span = contextvars.Context().run(start, name, metadata=metadata, tags=tags, links=links)
+        span = contextvars.Context().run(start, name, **fields)
     if span.trace_id == NO_OP_SPAN_TRACE_ID:
         return None
     # Our inputs are plain strings: set_inputs' attachment scan (~0.1 ms) has nothing to find.
@@ -104,6 +108,33 @@ def set_experiment_destination(experiment_id: str) -> None:
     from mlflow.tracing import set_destination
 
     set_destination(MlflowExperimentLocation(experiment_id=experiment_id))
+
+
+def env_experiment_pending() -> bool:
+    """True when MLflow would look up the environment's experiment over HTTP for each new trace.
+
+    That is its last resort (tracing/utils get_experiment_id_for_trace): no experiment set in
+    this process, no trace destination, no active run, and MLFLOW_EXPERIMENT_NAME or _ID set.
+    """
+    from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
+    from mlflow.tracing.provider import _MLFLOW_TRACE_USER_DESTINATION
+    from mlflow.tracking import fluent
+
+    if fluent._active_experiment_id or _MLFLOW_TRACE_USER_DESTINATION.get() is not None:
+        return False
+    if MLFLOW_EXPERIMENT_NAME.get() is None and MLFLOW_EXPERIMENT_ID.get() is None:
+        return False
+    return mlflow.active_run() is None
+
+
+def resolve_env_experiment() -> str | None:
+    """The id MLflow would resolve per trace (it creates a named experiment that is missing)."""
+    from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
+    from mlflow.tracking.fluent import _get_experiment_id_from_env
+
+    if MLFLOW_EXPERIMENT_NAME.get() is None:
+        return MLFLOW_EXPERIMENT_ID.get()  # an id needs no lookup (MLflow only checks it exists)
+    return _get_experiment_id_from_env()  # type: ignore[no-any-return]
 
 
 def find_traces_by_client_request_id(client_request_id: str, experiment_id: str | None) -> list[str]:

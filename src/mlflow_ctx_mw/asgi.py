@@ -13,9 +13,10 @@ from contextvars import ContextVar
 from typing import Any
 
 from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.destination import configure_destination, flush_pending
 from mlflow_ctx_mw.feedback import declared_too_large, feedback_response
 from mlflow_ctx_mw.mapper import RequestView
-from mlflow_ctx_mw.span import RequestSpan, configure_destination, flush_pending
+from mlflow_ctx_mw.span import RequestSpan
 
 __all__ = ["MlflowContextMiddleware"]
 

@@ -15,9 +15,10 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.destination import configure_destination
 from mlflow_ctx_mw.feedback import feedback_response, read_limited
 from mlflow_ctx_mw.mapper import RequestView
-from mlflow_ctx_mw.span import RequestSpan, configure_destination
+from mlflow_ctx_mw.span import RequestSpan
 
 __all__ = ["MlflowContextMiddleware"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
 from typing import TypeVar
@@ -20,10 +19,10 @@ from mlflow_ctx_mw import _mlflow
 from mlflow_ctx_mw._logonce import log_once
 from mlflow_ctx_mw._recent import RECENT
 from mlflow_ctx_mw.config import Options
-from mlflow_ctx_mw.export import watch_exports
+from mlflow_ctx_mw.destination import UNRESOLVED, experiment_for_span
 from mlflow_ctx_mw.mapper import USER_KEY, RequestContext, RequestView, build_context
 
-__all__ = ["RequestSpan", "configure_destination", "flush_pending", "merge_header_list"]
+__all__ = ["RequestSpan", "merge_header_list"]
 
 MAX_NAME_PATH = 200
 _T = TypeVar("_T")
@@ -100,7 +99,10 @@ class RequestSpan:
         except Exception:
             log_once("map", "mlflow_ctx_mw could not map a request; serving it untraced")
             return None
-        if options.sample_ratio < 1.0 and random.random() >= options.sample_ratio:
+        experiment_id = experiment_for_span()
+        if experiment_id is UNRESOLVED or (
+            options.sample_ratio < 1.0 and random.random() >= options.sample_ratio
+        ):
             rs._sampled_out = True  # no span; MLflow tracing off while the app runs
             return rs
         try:
@@ -112,6 +114,7 @@ class RequestSpan:
                 tags=context.tags,
                 client_request_id=context.request_id,
                 caller=context.caller,
+                experiment_id=experiment_id,
             )
             rs.trace_id = rs.span.trace_id if rs.span is not None else None
         except Exception:
@@ -233,39 +236,3 @@ class RequestSpan:
 
     def _name(self, route: str | None) -> str:
         return f"{self._method} {route or self._path[:MAX_NAME_PATH]}"
-
-
-def configure_destination(options: Options) -> None:
-    """Called once when a middleware is built; never raises."""
-    watch_exports()
-    if options.experiment_id is None:
-        return
-    try:
-        _mlflow.set_experiment_destination(options.experiment_id)
-    except Exception:
-        log_once("destination", "MLflow rejected experiment_id; traces go where MLflow decides")
-
-
-def flush_pending(timeout: float) -> bool:
-    """Send what MLflow still holds, waiting at most `timeout` s; True if it all went out.
-
-    uvicorn re-raises SIGTERM after its graceful shutdown, so atexit never runs and buffered
-    traces would be lost (mlflow #21865): the ASGI adapter calls this at lifespan shutdown.
-    """
-    done = threading.Event()
-
-    def flush() -> None:
-        try:
-            _mlflow.flush_export()
-        except Exception:
-            log_once("flush", "MLflow failed to flush pending traces at shutdown")
-        finally:
-            done.set()
-
-    threading.Thread(target=flush, name="mlflow-ctx-flush", daemon=True).start()
-    if not done.wait(timeout):
-        log_once(
-            "flush-timeout", f"pending traces not flushed within {timeout:g}s at shutdown", exc_info=False
-        )
-        return False
-    return True

@@ -14,9 +14,10 @@ from typing import Any
 from werkzeug.datastructures import EnvironHeaders
 
 from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.destination import configure_destination
 from mlflow_ctx_mw.feedback import feedback_response, read_limited
 from mlflow_ctx_mw.mapper import RequestView
-from mlflow_ctx_mw.span import RequestSpan, configure_destination
+from mlflow_ctx_mw.span import RequestSpan
 from mlflow_ctx_mw.users import flask_login_user
 
 __all__ = ["MlflowContextMiddleware"]

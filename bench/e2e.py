@@ -1,0 +1,155 @@
+"""End to end: requests/s and latency of hello-world apps under real servers, bare vs ours.
+
+    python bench/e2e.py [--seconds 10] [--rounds 3] [--connections 16] [--targets fastapi,flask]
+
+Each target (FastAPI under uvicorn, Flask under gunicorn, Django under gunicorn and uvicorn; one
+worker each) is started fresh per measurement, warmed up, then loaded by `wrk` (Debian's package)
+from a second process on loopback; variants alternate (bare, ours, bare, ours ...) and the figures
+are medians over rounds. Traces go to a live local MLflow server with async export on. On a
+machine with 2+ cores the app is pinned to core 0 and wrk + the MLflow server to the others, so
+the app's figures are its own CPU. Prints a table; writes bench/results/e2e-*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from mlflow_ctx_mw.testing import free_port, local_mlflow_server, stopping, wait_http
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TARGETS = {
+    "fastapi-uvicorn": ("fastapi", ["uvicorn", "e2e_apps:fastapi_app"]),
+    "flask-gunicorn": ("flask", ["gunicorn", "e2e_apps:flask_app"]),
+    "django-gunicorn": ("django-wsgi", ["gunicorn", "e2e_apps:django_wsgi"]),
+    "django-uvicorn": ("django-asgi", ["uvicorn", "e2e_apps:django_asgi"]),
+}
+VARIANTS = ("bare", "ours")
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def server_command(server: str, app: str, port: int) -> list[str]:
+    if server == "uvicorn":
+        return [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--workers", "1",
+                "--no-access-log", "--log-level", "warning"]  # fmt: skip
+    return [sys.executable, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{port}", "--workers", "1",
+            "--threads", "8", "--log-level", "warning"]  # fmt: skip
+
+
+def wrk(url: str, seconds: float, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    latency = {
+        pct: float(value) * _UNITS[unit]
+        for pct, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    }
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": latency["50"],
+        "p99_ms": latency["99"],
+        "non_2xx": float(errors.group(1)) if errors else 0.0,
+    }
+
+
+def measure(target: str, variant: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    kind, (server, app) = TARGETS[target][0], TARGETS[target][1]
+    port = free_port()
+    command = server_command(server, app, port)
+    if args.pin:
+        command = ["taskset", "-c", "0", *command]
+    env = {**env, "BENCH_TARGET": kind, "BENCH_VARIANT": variant}
+    proc = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with stopping(proc):
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/_stats", proc=proc, timeout=60)
+        wrk(f"{base}/hello", args.warmup, args.connections)
+        figures: dict[str, Any] = wrk(f"{base}/hello", args.seconds, args.connections)
+        with urllib.request.urlopen(f"{base}/_stats", timeout=10) as response:
+            figures["export_stats"] = json.load(response)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("needs wrk: apt-get install wrk")
+    targets = [name.strip() for name in args.targets.split(",") if name.strip()]
+    args.pin = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    if args.pin:  # the MLflow server and wrk (children of this process) stay off the app's core
+        os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
+
+    import mlflow
+
+    samples: dict[str, dict[str, list[dict[str, Any]]]] = {t: {v: [] for v in VARIANTS} for t in targets}
+    with local_mlflow_server(Path(tempfile.mkdtemp(prefix="bench-e2e-"))) as url:
+        mlflow.set_tracking_uri(url)
+        experiment_id = mlflow.set_experiment("e2e").experiment_id
+        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_EXPERIMENT_ID": experiment_id}
+        for round_no in range(args.rounds):
+            for target in targets:
+                for variant in VARIANTS:
+                    figures = measure(target, variant, args, env)
+                    samples[target][variant].append(figures)
+                    print(
+                        f"round {round_no + 1} {target:<16} {variant:<5} {figures['rps']:>9.0f} rps "
+                        f"p50 {figures['p50_ms']:.2f} ms p99 {figures['p99_ms']:.2f} ms",
+                        flush=True,
+                    )
+    report(args, targets, samples)
+
+
+def report(args: argparse.Namespace, targets: list[str], samples: dict[str, Any]) -> None:
+    import mlflow
+
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    print(f"\n{'target':<18}{'variant':<8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'vs bare':>9}")
+    for target in targets:
+        table[target] = {}
+        for variant in VARIANTS:
+            runs = samples[target][variant]
+            table[target][variant] = {
+                key: statistics.median(run[key] for run in runs) for key in ("rps", "p50_ms", "p99_ms")
+            }
+            table[target][variant]["dropped_exports"] = max(
+                run["export_stats"].get("dropped_exports", 0) for run in runs
+            )
+        bare = table[target]["bare"]["rps"]
+        for variant in VARIANTS:
+            row = table[target][variant]
+            print(f"{target:<18}{variant:<8}{row['rps']:>10.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
+                  f"{row['rps'] / bare:>9.0%}")  # fmt: skip
+    result = {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
+              "mlflow": mlflow.__version__, "pinned": args.pin, "seconds": args.seconds,
+              "rounds": args.rounds, "connections": args.connections, "results": table}  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"e2e-{int(time.time())}.json").write_text(json.dumps(result, indent=2))
+    sys.stdout.flush()
+    os._exit(0)  # the app servers are stopped; skip flushing what this process never traced
+
+
+if __name__ == "__main__":
+    main()

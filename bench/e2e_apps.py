@@ -1,0 +1,95 @@
+"""Hello-world apps for bench/e2e.py, traced or not by BENCH_VARIANT (bare | ours).
+
+    uvicorn e2e_apps:fastapi_app          gunicorn e2e_apps:flask_app
+    gunicorn e2e_apps:django_wsgi         uvicorn e2e_apps:django_asgi
+
+/_stats (never traced) answers the middleware's export_stats() so the driver can report drops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from mlflow_ctx_mw import export_stats
+
+OURS = os.environ.get("BENCH_VARIANT", "bare") == "ours"
+OPTIONS: dict[str, Any] = {"exclude_paths": ["/_stats"]}
+
+
+def _stats() -> dict[str, int]:
+    return dict(export_stats().__dict__)
+
+
+def _fastapi() -> Any:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:
+        return {"message": "hello"}
+
+    @app.get("/_stats")
+    async def stats() -> dict[str, int]:
+        return _stats()
+
+    if OURS:
+        from mlflow_ctx_mw.asgi import MlflowContextMiddleware
+
+        app.add_middleware(MlflowContextMiddleware, **OPTIONS)
+    return app
+
+
+def _flask() -> Any:
+    from flask import Flask
+
+    app = Flask(__name__)
+    app.get("/hello")(lambda: {"message": "hello"})
+    app.get("/_stats")(_stats)
+    if OURS:
+        from mlflow_ctx_mw.wsgi import MlflowContextMiddleware
+
+        app.wsgi_app = MlflowContextMiddleware(app.wsgi_app, **OPTIONS)  # type: ignore[method-assign]
+    return app
+
+
+def _django() -> None:
+    import django
+    from django.conf import settings
+    from django.http import HttpResponse
+    from django.urls import path
+
+    def hello(request: Any) -> HttpResponse:
+        return HttpResponse(json.dumps({"message": "hello"}), content_type="application/json")
+
+    def stats(request: Any) -> HttpResponse:
+        return HttpResponse(json.dumps(_stats()), content_type="application/json")
+
+    global urlpatterns
+    urlpatterns = [path("hello", hello), path("_stats", stats)]
+    middleware = ["mlflow_ctx_mw.django.MlflowContextMiddleware"] if OURS else []
+    settings.configure(
+        DEBUG=False, ALLOWED_HOSTS=["*"], ROOT_URLCONF=__name__, MIDDLEWARE=middleware,
+        SECRET_KEY="bench-only", MLFLOW_CTX=OPTIONS, INSTALLED_APPS=[], DATABASES={},
+    )  # fmt: skip
+    django.setup()
+
+
+urlpatterns: list[Any] = []
+_target = os.environ.get("BENCH_TARGET", "")
+if _target == "fastapi":
+    fastapi_app = _fastapi()
+elif _target == "flask":
+    flask_app = _flask()
+elif _target == "django-wsgi":
+    _django()
+    from django.core.wsgi import get_wsgi_application
+
+    django_wsgi = get_wsgi_application()
+elif _target == "django-asgi":
+    _django()
+    from django.core.asgi import get_asgi_application
+
+    django_asgi = get_asgi_application()
