@@ -51,7 +51,7 @@ def server_command(server: str, app: str, port: int) -> list[str]:
 
 def wrk(url: str, seconds: float, connections: int) -> dict[str, float]:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     latency = {
@@ -89,8 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--warmup", type=float, default=2)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--targets", default=",".join(TARGETS))

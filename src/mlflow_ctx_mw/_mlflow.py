@@ -8,14 +8,19 @@ and tests/test_mlflow_contract.py fails first if they move.
 from __future__ import annotations
 
 import contextvars
+import functools
+import json
+import os
 from typing import Any
 
 import mlflow
 from mlflow.entities import Link, SpanStatusCode
 from mlflow.entities.span import NO_OP_SPAN_TRACE_ID, LiveSpan
 from mlflow.tracing.constant import SpanAttributeKey
-from mlflow.tracing.provider import detach_span_from_context, set_span_in_context
+from mlflow.tracing.provider import detach_span_from_context, get_current_otel_span, set_span_in_context
 from mlflow.tracing.trace_manager import InMemoryTraceManager
+from mlflow.tracing.utils import exclude_immutable_tags
+from opentelemetry.trace import NonRecordingSpan
 
 __all__ = [
     "LiveSpan",
@@ -46,21 +51,33 @@ def start_root_span(
     # A caller's traceparent becomes a span link, not a parent: a remote parent stores nothing
     # with the default batch processor and loses our metadata (measured on mlflow 3.17.2).
     links = [Link(trace_id=f"tr-{caller[0]}", span_id=caller[1])] if caller else None
-    fields: dict[str, Any] = {"metadata": metadata, "tags": tags, "links": links}
-    if experiment_id is not None:
-        fields["experiment_id"] = experiment_id
-    if mlflow.get_current_active_span() is None:
-        span = start(name, **fields)
+    if not _inside_a_span():
+        span = start(name, links=links, experiment_id=experiment_id)
     else:
-        span = contextvars.Context().run(start, name, **fields)
+        span = contextvars.Context().run(start, name, links=links, experiment_id=experiment_id)
     if span.trace_id == NO_OP_SPAN_TRACE_ID:
         return None
-    # Our inputs are plain strings: set_inputs' attachment scan (~0.1 ms) has nothing to find.
-    span.set_attribute(SpanAttributeKey.INPUTS, inputs)
+    _set_json(span, SpanAttributeKey.INPUTS, inputs)
+    # One trace lookup for all fields (start_span_no_context would take the lock once per kind).
     with InMemoryTraceManager.get_instance().get_trace(span.trace_id) as trace:
         if trace is not None:
             trace.info.client_request_id = client_request_id
+            trace.info.trace_metadata.update(metadata)
+            if tags:
+                trace.info.tags.update(exclude_immutable_tags(tags))
     return span
+
+
+def _set_json(span: LiveSpan, key: str, value: dict[str, Any]) -> None:
+    """What LiveSpan.set_attribute stores, minus its generic encoder; set_inputs would also scan
+    for attachments (~0.1 ms). Our values are plain strings and numbers."""
+    span._span.set_attribute(key, json.dumps(value, ensure_ascii=False))
+
+
+def _inside_a_span() -> bool:
+    """mlflow.get_current_active_span() is not None, without building the LiveSpan it returns."""
+    current = get_current_otel_span()
+    return current is not None and not isinstance(current, NonRecordingSpan)
 
 
 def attach(span: LiveSpan) -> Any:
@@ -95,7 +112,7 @@ def end_span(
         outputs: dict[str, Any] = {"status_code": status_code}
         if disconnected:
             outputs["client_disconnected"] = True
-        span.set_attribute(SpanAttributeKey.OUTPUTS, outputs)
+        _set_json(span, SpanAttributeKey.OUTPUTS, outputs)
     if error is not None:
         span.record_exception(error if isinstance(error, Exception) else repr(error))
     failed = error is not None or (status_code is not None and status_code >= 500)
@@ -115,16 +132,22 @@ def env_experiment_pending() -> bool:
 
     That is its last resort (tracing/utils get_experiment_id_for_trace): no experiment set in
     this process, no trace destination, no active run, and MLFLOW_EXPERIMENT_NAME or _ID set.
+    Runs per request: the common case (an experiment set) returns at the first check.
     """
-    from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
+    fluent, destination = _experiment_state()
+    if fluent._active_experiment_id or destination.get() is not None:
+        return False
+    if "MLFLOW_EXPERIMENT_NAME" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ:
+        return False
+    return mlflow.active_run() is None
+
+
+@functools.cache
+def _experiment_state() -> tuple[Any, Any]:
     from mlflow.tracing.provider import _MLFLOW_TRACE_USER_DESTINATION
     from mlflow.tracking import fluent
 
-    if fluent._active_experiment_id or _MLFLOW_TRACE_USER_DESTINATION.get() is not None:
-        return False
-    if MLFLOW_EXPERIMENT_NAME.get() is None and MLFLOW_EXPERIMENT_ID.get() is None:
-        return False
-    return mlflow.active_run() is None
+    return fluent, _MLFLOW_TRACE_USER_DESTINATION
 
 
 def resolve_env_experiment() -> str | None:

@@ -116,6 +116,8 @@ class Options:
     _exact: frozenset[str] = field(init=False, repr=False, compare=False)
     _prefixes: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    #: Lower-case names of the response headers the middleware may set (latin-1 bytes, as ASGI).
+    response_header_names: frozenset[bytes] = field(init=False, repr=False, compare=False)
 
     def excluded(self, path: str) -> bool:
         """Whether `path` is served untraced (cheap: a set lookup when nothing else is set)."""
@@ -172,6 +174,10 @@ class Options:
         set_(self, "static_tags", _str_map("static_tags", self.static_tags))
         env = {key: os.environ[var] for var, key in self.env_metadata.items() if os.environ.get(var)}
         set_(self, "env_values", MappingProxyType(env))
+        names = [self.trace_id_header]
+        names += [self.request_id_header] if self.echo_request_id else []
+        names += ["access-control-expose-headers"] if self.expose_headers else []
+        set_(self, "response_header_names", frozenset(n.lower().encode("latin-1") for n in names))
 
     def _exclusions(self) -> list[str]:
         if isinstance(self.exclude_paths, str) or not isinstance(self.exclude_paths, Sequence | set):

@@ -86,7 +86,11 @@ def experiment_for_span() -> str | None:
 
     Checked per request: the app may call `mlflow.set_experiment` after the middleware was built.
     """
-    if not _mlflow.env_experiment_pending():
+    try:
+        if not _mlflow.env_experiment_pending():
+            return None
+    except Exception:
+        log_once("env-experiment-check", "could not tell where MLflow sends traces; leaving it to MLflow")
         return None
     return ENV_EXPERIMENT.get()
 
