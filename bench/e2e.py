@@ -38,7 +38,14 @@ TARGETS = {
     "django-uvicorn": ("django-asgi", ["uvicorn", "e2e_apps:django_asgi"]),
 }
 VARIANTS = ("bare", "ours")
+EXTRA_VARIANTS = {"fastapi-uvicorn": ("floor",)}  # MLflow's own minimum, for scale
+# What a chat client sends; the floor variant needs all three.
+HEADERS = ["-H", "X-Request-ID: bench-1", "-H", "X-Session-ID: s-1", "-H", "X-User-ID: u-1"]
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def variants(target: str) -> tuple[str, ...]:
+    return VARIANTS + EXTRA_VARIANTS.get(target, ())
 
 
 def server_command(server: str, app: str, port: int) -> list[str]:
@@ -51,7 +58,7 @@ def server_command(server: str, app: str, port: int) -> list[str]:
 
 def wrk(url: str, seconds: float, connections: int) -> dict[str, float]:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", *HEADERS, url],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     latency = {
@@ -74,7 +81,9 @@ def measure(target: str, variant: str, args: argparse.Namespace, env: dict[str, 
     if args.pin:
         command = ["taskset", "-c", "0", *command]
     env = {**env, "BENCH_TARGET": kind, "BENCH_VARIANT": variant}
-    proc = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = Path(tempfile.gettempdir()) / f"bench-e2e-{target}-{variant}.log"  # a pipe could fill and block
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT)
     with stopping(proc):
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/_stats", proc=proc, timeout=60)
@@ -104,14 +113,14 @@ def main() -> None:
 
     import mlflow
 
-    samples: dict[str, dict[str, list[dict[str, Any]]]] = {t: {v: [] for v in VARIANTS} for t in targets}
+    samples: dict[str, dict[str, list[dict[str, Any]]]] = {t: {v: [] for v in variants(t)} for t in targets}
     with local_mlflow_server(Path(tempfile.mkdtemp(prefix="bench-e2e-"))) as url:
         mlflow.set_tracking_uri(url)
         experiment_id = mlflow.set_experiment("e2e").experiment_id
         env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_EXPERIMENT_ID": experiment_id}
         for round_no in range(args.rounds):
             for target in targets:
-                for variant in VARIANTS:
+                for variant in variants(target):
                     figures = measure(target, variant, args, env)
                     samples[target][variant].append(figures)
                     print(
@@ -129,7 +138,7 @@ def report(args: argparse.Namespace, targets: list[str], samples: dict[str, Any]
     print(f"\n{'target':<18}{'variant':<8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'vs bare':>9}")
     for target in targets:
         table[target] = {}
-        for variant in VARIANTS:
+        for variant in variants(target):
             runs = samples[target][variant]
             table[target][variant] = {
                 key: statistics.median(run[key] for run in runs) for key in ("rps", "p50_ms", "p99_ms")
@@ -138,7 +147,7 @@ def report(args: argparse.Namespace, targets: list[str], samples: dict[str, Any]
                 run["export_stats"].get("dropped_exports", 0) for run in runs
             )
         bare = table[target]["bare"]["rps"]
-        for variant in VARIANTS:
+        for variant in variants(target):
             row = table[target][variant]
             print(f"{target:<18}{variant:<8}{row['rps']:>10.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
                   f"{row['rps'] / bare:>9.0%}")  # fmt: skip

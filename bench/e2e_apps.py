@@ -1,4 +1,6 @@
-"""Hello-world apps for bench/e2e.py, traced or not by BENCH_VARIANT (bare | ours).
+"""Hello-world apps for bench/e2e.py, traced or not by BENCH_VARIANT (bare | floor | ours).
+
+`floor` (FastAPI only) is bench/overhead.py's minimal MLflow middleware: MLflow's own cost.
 
     uvicorn e2e_apps:fastapi_app          gunicorn e2e_apps:flask_app
     gunicorn e2e_apps:django_wsgi         uvicorn e2e_apps:django_asgi
@@ -14,7 +16,8 @@ from typing import Any
 
 from mlflow_ctx_mw import export_stats
 
-OURS = os.environ.get("BENCH_VARIANT", "bare") == "ours"
+VARIANT = os.environ.get("BENCH_VARIANT", "bare")
+OURS = VARIANT == "ours"
 OPTIONS: dict[str, Any] = {"exclude_paths": ["/_stats"]}
 
 
@@ -39,6 +42,22 @@ def _fastapi() -> Any:
         from mlflow_ctx_mw.asgi import MlflowContextMiddleware
 
         app.add_middleware(MlflowContextMiddleware, **OPTIONS)
+    if VARIANT == "floor":
+        import mlflow
+        from overhead import floor_middleware
+
+        mlflow.set_experiment(experiment_id=os.environ["MLFLOW_EXPERIMENT_ID"])  # no per-trace lookup
+
+        def floor_http_only(inner: Any) -> Any:
+            traced = floor_middleware(inner)
+
+            async def middleware(scope: Any, receive: Any, send: Any) -> None:
+                plain = scope["type"] != "http" or scope["path"] == "/_stats"
+                await (inner if plain else traced)(scope, receive, send)
+
+            return middleware
+
+        app.add_middleware(floor_http_only)
     return app
 
 
