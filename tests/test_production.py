@@ -243,3 +243,37 @@ def test_export_drops_are_counted_and_warned_once(tmp_path: Path) -> None:
     ours = [line for line in out.stderr.splitlines() if "MLflow dropped traces" in line]
     assert len(ours) == 1, ours
     assert "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE" in ours[0]
+
+
+EVICT_SCRIPT = """
+import json, logging, sys
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+from mlflow_ctx_mw import _mlflow, export_stats, Options
+from mlflow_ctx_mw.destination import configure_destination
+configure_destination(Options(experiment_id="0"))
+spans = [
+    _mlflow.start_root_span("GET /", inputs={}, metadata={}, tags={}, client_request_id=f"r{i}")
+    for i in range(20)
+]
+for span in spans:
+    _mlflow.end_span(span, name="GET /", status_code=200, error=None)
+print(json.dumps(export_stats().__dict__))
+"""
+
+
+def test_traces_evicted_from_mlflows_buffer_are_counted() -> None:
+    """20 requests in flight, a buffer of 5: MLflow silently evicts 15 traces; we count them."""
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+        "MLFLOW_TRACE_BUFFER_MAX_SIZE": "5",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", EVICT_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["evicted_traces"] == 15
+    ours = [line for line in out.stderr.splitlines() if "MLflow dropped traces" in line]
+    assert len(ours) == 1 and "MLFLOW_TRACE_BUFFER_MAX_SIZE" in ours[0], ours

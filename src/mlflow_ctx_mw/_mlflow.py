@@ -216,12 +216,16 @@ def flush_export() -> None:
     mlflow.flush_trace_async_logging()
 
 
-def install_drop_hooks(on_export_drop: Any, on_span_drop: Any, on_export_failure: Any) -> None:
+def install_drop_hooks(
+    on_export_drop: Any, on_span_drop: Any, on_export_failure: Any, on_trace_evicted: Any
+) -> None:
     """Call back on every export MLflow discards (its queues are full); idempotent.
 
     MLflow's async export queue drops a task when full and warns at most once per 30 s; OTel's
-    batch span processor drops a span when its queue is full and warns per span. The first is
-    counted exactly by giving the queue a counting class, the second by a log filter.
+    batch span processor drops a span when its queue is full and warns per span; MLflow's
+    in-memory trace buffer (a cachetools cache) evicts a trace silently when it holds
+    MLFLOW_TRACE_BUFFER_MAX_SIZE. The first and last are counted exactly by giving the queue and
+    the cache a counting class, the second by a log filter.
     """
     import logging
     import queue
@@ -280,6 +284,22 @@ def install_drop_hooks(on_export_drop: Any, on_span_drop: Any, on_export_failure
         export_logger = logging.getLogger(name)
         if not any(type(f).__name__ == "ExportFailures" for f in export_logger.filters):
             export_logger.addFilter(ExportFailures())
+
+    buffer = InMemoryTraceManager.get_instance()._traces
+    if not getattr(type(buffer), "_mlflow_ctx_mw", False):
+
+        class CountingCache(type(buffer)):  # type: ignore[misc]
+            """Cache.__setitem__ calls popitem() only to make room: each call is an eviction."""
+
+            __slots__ = ()
+            _mlflow_ctx_mw = True
+
+            def popitem(self) -> Any:
+                item = super().popitem()
+                on_trace_evicted()
+                return item
+
+        buffer.__class__ = CountingCache
 
 
 def traceparent(span: LiveSpan) -> str:

@@ -1,6 +1,7 @@
 """Export health. MLflow drops traces when the tracking server ingests slower than the app
-produces them (one warning per 30 s at best), and warns once per trace when the server is down.
-Both are counted here, readable by the app (`export_stats()`), and logged at most once a minute:
+produces them (one warning per 30 s at best), evicts them silently from its in-memory buffer when
+more than MLFLOW_TRACE_BUFFER_MAX_SIZE wait there, and warns once per trace when the server is
+down. All are counted here, readable by the app (`export_stats()`), and logged at most once a minute:
 a warning that names the knobs for drops, MLflow's own warning for failures."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ WARN_EVERY_SECONDS = 60.0
 _lock = threading.Lock()
 _dropped_exports = 0
 _dropped_spans = 0
+_evicted_traces = 0
 _failed_exports = 0
 _last_warning = -WARN_EVERY_SECONDS
 _last_failure_log = -WARN_EVERY_SECONDS
@@ -34,10 +36,12 @@ class ExportStats:
     dropped_spans: int
     #: Export calls that failed (server down, 5xx, timeouts) after MLflow's own retries.
     failed_exports: int
+    #: Traces MLflow evicted from its full in-memory buffer before they were exported.
+    evicted_traces: int = 0
 
 
 def export_stats() -> ExportStats:
-    return ExportStats(_dropped_exports, _dropped_spans, _failed_exports)
+    return ExportStats(_dropped_exports, _dropped_spans, _failed_exports, _evicted_traces)
 
 
 def _failed() -> bool:
@@ -59,24 +63,28 @@ def _failed() -> bool:
 
 
 def _dropped(kind: str) -> None:
-    global _dropped_exports, _dropped_spans, _last_warning
+    global _dropped_exports, _dropped_spans, _evicted_traces, _last_warning
     with _lock:
         if kind == "export":
             _dropped_exports += 1
+        elif kind == "evicted":
+            _evicted_traces += 1
         else:
             _dropped_spans += 1
         now = time.monotonic()
         if now - _last_warning < WARN_EVERY_SECONDS:
             return
         _last_warning = now
-        exports, spans = _dropped_exports, _dropped_spans
+        exports, spans, evicted = _dropped_exports, _dropped_spans, _evicted_traces
     logger.warning(
-        "MLflow dropped traces: %d export tasks and %d spans so far. The tracking server ingests "
-        "slower than this app produces traces. Raise MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE "
-        "(default 1000) and MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS (default 10), give the server "
-        "more workers on PostgreSQL, or lower sample_ratio. See the README's sizing table.",
+        "MLflow dropped traces: %d export tasks, %d spans and %d buffered traces so far. The "
+        "tracking server ingests slower than this app produces traces. Raise "
+        "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE (default 1000), MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS "
+        "(default 10) and MLFLOW_TRACE_BUFFER_MAX_SIZE (default 1000), give the server more "
+        "workers on PostgreSQL, or lower sample_ratio. See the README's sizing table.",
         exports,
         spans,
+        evicted,
     )
 
 
@@ -87,7 +95,9 @@ def watch_exports() -> None:
         return
     _installed = True
     try:
-        _mlflow.install_drop_hooks(lambda: _dropped("export"), lambda: _dropped("span"), _failed)
+        _mlflow.install_drop_hooks(
+            lambda: _dropped("export"), lambda: _dropped("span"), _failed, lambda: _dropped("evicted")
+        )
     except Exception:
         from mlflow_ctx_mw._logonce import log_once
 
