@@ -234,15 +234,18 @@ def test_export_drops_are_counted_and_warned_once(tmp_path: Path) -> None:
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "1",
         }
-        out = subprocess.run(
-            [sys.executable, "-c", DROP_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-        )
-    assert out.returncode == 0, out.stderr[-2000:]
-    stats = json.loads(out.stdout.strip().splitlines()[-1])
+        stats, warnings = run_counting(DROP_SCRIPT, env)
     assert stats["dropped_exports"] > 0
-    ours = [line for line in out.stderr.splitlines() if "MLflow dropped traces" in line]
-    assert len(ours) == 1, ours
-    assert "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE" in ours[0]
+    assert len(warnings) == 1, warnings
+    assert "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE" in warnings[0]
+
+
+def run_counting(script: str, env: dict[str, str]) -> tuple[dict[str, int], list[str]]:
+    """Run `script` in a fresh process: its export_stats() and our drop warnings."""
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    warnings = [line for line in out.stderr.splitlines() if "MLflow dropped traces" in line]
+    return json.loads(out.stdout.strip().splitlines()[-1]), warnings
 
 
 EVICT_SCRIPT = """
@@ -269,11 +272,6 @@ def test_traces_evicted_from_mlflows_buffer_are_counted() -> None:
         "MLFLOW_TRACE_BUFFER_MAX_SIZE": "5",
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     }
-    out = subprocess.run(
-        [sys.executable, "-c", EVICT_SCRIPT], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    stats, warnings = run_counting(EVICT_SCRIPT, env)
     assert stats["evicted_traces"] == 15
-    ours = [line for line in out.stderr.splitlines() if "MLflow dropped traces" in line]
-    assert len(ours) == 1 and "MLFLOW_TRACE_BUFFER_MAX_SIZE" in ours[0], ours
+    assert len(warnings) == 1 and "MLFLOW_TRACE_BUFFER_MAX_SIZE" in warnings[0], warnings
