@@ -21,6 +21,12 @@ OURS = VARIANT == "ours"
 OPTIONS: dict[str, Any] = {"exclude_paths": ["/_stats"]}
 
 
+if VARIANT != "bare":  # the same destination set-up for every traced variant
+    import mlflow
+
+    mlflow.set_experiment(experiment_id=os.environ["MLFLOW_EXPERIMENT_ID"])
+
+
 def _stats() -> dict[str, int]:
     return dict(export_stats().__dict__)
 
@@ -43,10 +49,7 @@ def _fastapi() -> Any:
 
         app.add_middleware(MlflowContextMiddleware, **OPTIONS)
     if VARIANT == "floor":
-        import mlflow
         from overhead import floor_middleware
-
-        mlflow.set_experiment(experiment_id=os.environ["MLFLOW_EXPERIMENT_ID"])  # no per-trace lookup
 
         def floor_http_only(inner: Any) -> Any:
             traced = floor_middleware(inner)
