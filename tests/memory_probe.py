@@ -117,7 +117,10 @@ def main() -> None:
     warmup = min(20_000, total // 5)
     drive(0, warmup)
     after_warmup = rss_mb()
-    drive(warmup, total - warmup)
+    half = (total - warmup) // 2
+    drive(warmup, half)
+    at_half = rss_mb()
+    drive(warmup + half, total - warmup - half)
     from mlflow.tracing.trace_manager import InMemoryTraceManager
 
     print(
@@ -126,6 +129,7 @@ def main() -> None:
                 "adapter": adapter,
                 "requests": total,
                 "rss_after_warmup_mb": round(after_warmup, 1),
+                "rss_half_mb": round(at_half, 1),
                 "rss_end_mb": round(rss_mb(), 1),
                 "open_traces_in_mlflow_buffer": len(InMemoryTraceManager.get_instance()._traces),
                 "recent_registry": len(_recent.RECENT),
