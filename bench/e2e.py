@@ -143,9 +143,8 @@ def report(args: argparse.Namespace, targets: list[str], samples: dict[str, Any]
             table[target][variant] = {
                 key: statistics.median(run[key] for run in runs) for key in ("rps", "p50_ms", "p99_ms")
             }
-            table[target][variant]["dropped_exports"] = max(
-                run["export_stats"].get("dropped_exports", 0) for run in runs
-            )
+            for lost in ("dropped_exports", "evicted_traces"):
+                table[target][variant][lost] = max(run["export_stats"].get(lost, 0) for run in runs)
         bare = table[target]["bare"]["rps"]
         for variant in variants(target):
             row = table[target][variant]
