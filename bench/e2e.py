@@ -80,7 +80,7 @@ def measure(target: str, variant: str, args: argparse.Namespace, env: dict[str, 
     command = server_command(server, app, port)
     if args.pin:
         command = ["taskset", "-c", "0", *command]
-    env = {**env, "BENCH_TARGET": kind, "BENCH_VARIANT": variant}
+    env = {**env, "BENCH_TARGET": kind, "BENCH_VARIANT": variant, "BENCH_OPTIONS": args.ours_options}
     log = Path(tempfile.gettempdir()) / f"bench-e2e-{target}-{variant}.log"  # a pipe could fill and block
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--ours-options", default="{}", help='JSON, e.g. {"expose_headers": false}')
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("needs wrk: apt-get install wrk")
@@ -152,7 +153,8 @@ def report(args: argparse.Namespace, targets: list[str], samples: dict[str, Any]
                   f"{row['rps'] / bare:>9.0%}")  # fmt: skip
     result = {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
               "mlflow": mlflow.__version__, "pinned": args.pin, "seconds": args.seconds,
-              "rounds": args.rounds, "connections": args.connections, "results": table}  # fmt: skip
+              "rounds": args.rounds, "connections": args.connections, "ours_options": args.ours_options,
+              "results": table}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"e2e-{int(time.time())}.json").write_text(json.dumps(result, indent=2))
     sys.stdout.flush()

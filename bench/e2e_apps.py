@@ -18,7 +18,8 @@ from mlflow_ctx_mw import export_stats
 
 VARIANT = os.environ.get("BENCH_VARIANT", "bare")
 OURS = VARIANT == "ours"
-OPTIONS: dict[str, Any] = {"exclude_paths": ["/_stats"]}
+#: Our options: /_stats untraced, plus any given as JSON by `bench/e2e.py --ours-options`.
+OPTIONS: dict[str, Any] = {"exclude_paths": ["/_stats"], **json.loads(os.environ.get("BENCH_OPTIONS", "{}"))}
 
 
 if VARIANT != "bare":  # the same destination set-up for every traced variant
