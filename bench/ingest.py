@@ -84,18 +84,19 @@ def make_trace(tag: str, i: int) -> None:
 
     from mlflow_ctx_mw import _mlflow
 
-    span = _mlflow.start_root_span(
+    root = _mlflow.start_root_span(
         "POST /chat",
-        inputs={"method": "POST", "path": "/chat", "query_string": ""},
         metadata={"mlflow.trace.user": f"u{i % 50}", "mlflow.trace.session": f"s{i % 200}", "bench": tag},
         tags={},
         client_request_id=f"{tag}-{i}",
     )
-    token = _mlflow.attach(span)
+    assert root is not None
+    token = _mlflow.attach(root.span)
     with mlflow.start_span("llm"):
         pass
     _mlflow.detach(token)
-    _mlflow.end_span(span, name="POST /chat", status_code=200, error=None)
+    http = {_mlflow.METHOD: "POST", _mlflow.PATH: "/chat"}
+    _mlflow.end_span(root, name="POST /chat", attributes=http, status_code=200, error=None)
 
 
 def count(tag: str, experiment_id: str) -> int:

@@ -5,9 +5,11 @@
 Each variant of bench/overhead.py's ASGI app runs in its own process under
 `valgrind --tool=callgrind --instr-atstart=no`; counting is switched on (callgrind_control) only
 around two runs of N and 2N requests, and the figure is (count(2N) - count(N)) / N, so start-up
-and warm-up cancel out. MLflow builds, processes and queues every trace as usual; only the two
-network calls of its exporter are skipped, so that the exporter threads' HTTP work (identical for
-all variants) does not blur the count. Needs Debian's valgrind. Writes bench/results/instr-*.json.
+and warm-up cancel out. Two parts are counted apart: the request path (MLflow's batch processor
+is held back meanwhile, so its thread does not run) and the export (the flush that follows: the
+batch processor and MLflow's exporter build and queue every trace as usual; only the exporter's
+two network calls are skipped, their HTTP work being the same for all variants). Needs Debian's
+valgrind. Writes bench/results/instr-*.json.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ open(marks + ".ready", "w").close()
 while not os.path.exists(marks + ".go"):
     time.sleep(0.05)
 run({requests})
+open(marks + ".ran", "w").close()
+while not os.path.exists(marks + ".flush"):
+    time.sleep(0.05)
 mlflow.flush_trace_async_logging()
 open(marks + ".done", "w").close()
 while not os.path.exists(marks + ".stop"):
@@ -61,30 +66,44 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.2)
 
 
-def count(variant: str, requests: int, uri: str, workdir: Path) -> int:
+def count(variant: str, requests: int, uri: str, workdir: Path) -> tuple[int, int]:
+    """Instructions of (the requests, the export that follows), all threads."""
     marks = workdir / f"{variant}-{requests}"
     out = workdir / f"callgrind.{variant}.{requests}"
     code = CHILD.format(here=str(HERE), uri=uri, variant=variant, marks=str(marks), requests=requests)
     command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                sys.executable, "-c", code]  # fmt: skip
-    env = {**os.environ, "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE": "1000000"}
+    held_back = str(10 * requests)  # no batch is due while the requests run; nothing is evicted
+    env = {**os.environ, "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE": "1000000",
+           "MLFLOW_ASYNC_TRACE_LOGGING_MAX_SPAN_BATCH_SIZE": held_back,
+           "MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS": "3600000",
+           "MLFLOW_TRACE_BUFFER_MAX_SIZE": held_back}  # fmt: skip
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def control(*args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(proc.pid)], capture_output=True, check=True)
+
     try:
         wait_for(marks.with_suffix(".ready"), proc)
-        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], capture_output=True, check=True)
+        control("-i", "on")
         marks.with_suffix(".go").touch()
+        wait_for(marks.with_suffix(".ran"), proc)
+        control("-d", "requests")  # dump and zero: the first part is the request path
+        marks.with_suffix(".flush").touch()
         wait_for(marks.with_suffix(".done"), proc)
-        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], capture_output=True, check=True)
+        control("-i", "off")
         marks.with_suffix(".stop").touch()
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    total = 0
+    parts: dict[bool, int] = {True: 0, False: 0}
     for part in workdir.glob(f"callgrind.{variant}.{requests}*"):
-        match = re.search(r"^totals:\s+(\d+)", part.read_text(errors="replace"), re.M)
-        total += int(match.group(1)) if match else 0
-    return total
+        text = part.read_text(errors="replace")
+        match = re.search(r"^totals:\s+(\d+)", text, re.M)
+        request_path = bool(re.search(r"^desc: Trigger: .*requests", text, re.M))
+        parts[request_path] += int(match.group(1)) if match else 0
+    return parts[True], parts[False]
 
 
 def main() -> None:
@@ -100,19 +119,25 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-instr-"))
     per_request: dict[str, float] = {}
+    split: dict[str, dict[str, float]] = {}
+    print(f"{'instructions/request':<28}{'total':>14}{'request path':>14}{'export':>12}")
     with local_mlflow_server(workdir / "mlflow") as uri:
         for variant in args.variants.split(","):
             once = count(variant, args.requests, uri, workdir)
             twice = count(variant, 2 * args.requests, uri, workdir)
-            per_request[variant] = (twice - once) / args.requests
-            print(f"{variant:<28}{per_request[variant]:>14,.0f} instructions/request", flush=True)
+            path, export = ((b - a) / args.requests for a, b in zip(once, twice, strict=True))
+            per_request[variant] = path + export
+            split[variant] = {"request_path": path, "export": export}
+            print(f"{variant:<28}{path + export:>14,.0f}{path:>14,.0f}{export:>12,.0f}", flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
     floor = per_request.get("floor")
     if floor:
         for variant, value in per_request.items():
-            print(f"{variant:<28}{value / floor:>8.3f} x floor")
+            ratio = split[variant]["request_path"] / split["floor"]["request_path"]
+            print(f"{variant:<28}{value / floor:>8.3f} x floor ({ratio:.3f} x on the request path)")
     RESULTS.mkdir(exist_ok=True)
-    report = {"python": sys.version.split()[0], "requests": args.requests, "per_request": per_request}
+    report = {"python": sys.version.split()[0], "requests": args.requests, "per_request": per_request,
+              "split": split}  # fmt: skip
     (RESULTS / f"instr-{int(time.time())}.json").write_text(json.dumps(report, indent=2))
 
 

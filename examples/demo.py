@@ -192,6 +192,9 @@ def summarise(traces: list, experiment_id: str) -> None:
         errors = sum(_state(t) == "ERROR" for t in items)
         mean = statistics.mean(t.info.execution_duration or 0 for t in items)
         print(f"{version:<12}{len(items):>8}{errors / len(items):>12.0%}{mean:>10.1f}")
+    print("\nas MLflow's trace list shows them (request -> response):")
+    for trace in sorted(traces, key=lambda t: t.info.request_time)[:3]:
+        print(f"  {trace.info.request_preview or '-'!s:<40.40} -> {trace.info.response_preview or '-'!s:.40}")
     thumbs = [a.value for t in traces for a in t.info.assessments if a.name == "user_feedback"]
     stars = [a.value for t in traces for a in t.info.assessments if a.name == "stars"]
     rated = sum(any(a.name == "user_feedback" for a in t.info.assessments) for t in traces)

@@ -159,13 +159,13 @@ def test_crafted_client_request_id_cannot_change_the_filter(served: tuple[str, s
 
 def test_helper_waits_for_a_trace_the_exporter_has_not_written_yet(mlflow_server: str) -> None:
     """Feedback that arrives before the trace exists still lands (bounded wait), not 404."""
-    span = _mlflow.start_root_span(
-        "GET /slow", inputs={}, metadata={}, tags={}, client_request_id=f"slow-{uuid.uuid4().hex[:8]}"
+    root = _mlflow.start_root_span(
+        "GET /slow", metadata={}, tags={}, client_request_id=f"slow-{uuid.uuid4().hex[:8]}"
     )
-    assert span is not None
-    ender = threading.Timer(
-        1.5, _mlflow.end_span, args=(span,), kwargs={"name": "GET /slow", "status_code": 200, "error": None}
-    )
+    assert root is not None
+    span = root.span
+    end = {"name": "GET /slow", "attributes": {}, "status_code": 200, "error": None}
+    ender = threading.Timer(1.5, _mlflow.end_span, args=(root,), kwargs=end)
     assert mlflow.get_trace(span.trace_id) is None  # not in the backend yet
     ender.start()
     result = log_feedback(trace_id=span.trace_id, value=5, name="stars", user="rater", wait_seconds=20)

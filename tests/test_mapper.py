@@ -118,3 +118,16 @@ def test_clean_id() -> None:
     assert clean_id(" abc ", 10) == "abc"
     assert clean_id("abc", 2) is None
     assert clean_id(None, 2) is None
+
+
+def test_asgi_headers_are_lower_cased_and_repeats_joined() -> None:
+    """A repeated id header is ambiguous: joined as HTTP says, it is then no valid id at all."""
+    from mlflow_ctx_mw.asgi import _view
+
+    raw = [(b"X-User-ID", b"alice"), (b"x-session-id", b"s-1"), (b"x-user-id", b"mallory")]
+    asgi_view = _view({"type": "http", "method": "GET", "path": "/", "headers": raw})
+    assert asgi_view.headers == {"x-user-id": "alice, mallory", "x-session-id": "s-1"}
+    ctx = build_context(Options(), asgi_view)
+    assert ctx.user_id is None and ctx.session_id == "s-1"
+    single = _view({"type": "http", "headers": iter([(b"X-User-ID", b"alice")])})  # any iterable
+    assert build_context(Options(), single).user_id == "alice"

@@ -215,8 +215,8 @@ from mlflow_ctx_mw.destination import configure_destination
 from mlflow_ctx_mw import Options
 configure_destination(Options(experiment_id="0"))
 for i in range(300):
-    span = _mlflow.start_root_span("GET /", inputs={}, metadata={}, tags={}, client_request_id=f"r{i}")
-    _mlflow.end_span(span, name="GET /", status_code=200, error=None)
+    span = _mlflow.start_root_span("GET /", metadata={}, tags={}, client_request_id=f"r{i}")
+    _mlflow.end_span(span, name="GET /", attributes={}, status_code=200, error=None)
 import mlflow
 mlflow.flush_trace_async_logging()
 print(json.dumps(export_stats().__dict__))
@@ -254,12 +254,9 @@ logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 from mlflow_ctx_mw import _mlflow, export_stats, Options
 from mlflow_ctx_mw.destination import configure_destination
 configure_destination(Options(experiment_id="0"))
-spans = [
-    _mlflow.start_root_span("GET /", inputs={}, metadata={}, tags={}, client_request_id=f"r{i}")
-    for i in range(20)
-]
+spans = [_mlflow.start_root_span("GET /", metadata={}, tags={}, client_request_id=f"r{i}") for i in range(20)]
 for span in spans:
-    _mlflow.end_span(span, name="GET /", status_code=200, error=None)
+    _mlflow.end_span(span, name="GET /", attributes={}, status_code=200, error=None)
 print(json.dumps(export_stats().__dict__))
 """
 

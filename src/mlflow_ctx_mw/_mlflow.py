@@ -11,7 +11,7 @@ import contextvars
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 from mlflow.entities import Link, SpanStatusCode
@@ -32,16 +32,33 @@ __all__ = [
 ]
 
 
+#: HTTP facts go to root span attributes (OpenTelemetry's semantic-convention names), so the
+#: span's inputs and outputs, which MLflow shows as the trace's request and response, stay the app's.
+METHOD = "http.request.method"
+PATH = "url.path"
+QUERY = "url.query"
+STATUS = "http.response.status_code"
+DISCONNECTED = "http.client_disconnected"
+_INPUTS = SpanAttributeKey.INPUTS
+_OUTPUTS = SpanAttributeKey.OUTPUTS
+_json = json.JSONEncoder().encode  # the default encoder, built once (dumps() with options is not)
+
+
+class Root(NamedTuple):
+    span: LiveSpan
+    #: The trace's spans as MLflow registers them (span id -> span); read at the end, never written.
+    spans: dict[str, LiveSpan]
+
+
 def start_root_span(
     name: str,
     *,
-    inputs: dict[str, Any],
     metadata: dict[str, str],
     tags: dict[str, str],
     client_request_id: str,
     caller: tuple[str, str] | None = None,
     experiment_id: str | None = None,
-) -> LiveSpan | None:
+) -> Root | None:
     """A recording root span with its trace fields set in one go, or None (sampled out, disabled).
 
     MLflow parents a "detached" span on whatever span is current. A request must never join a
@@ -57,21 +74,18 @@ def start_root_span(
         span = contextvars.Context().run(start, name, links=links, experiment_id=experiment_id)
     if span.trace_id == NO_OP_SPAN_TRACE_ID:
         return None
-    _set_json(span, SpanAttributeKey.INPUTS, inputs)
-    # One trace lookup for all fields (start_span_no_context would take the lock once per kind).
-    with InMemoryTraceManager.get_instance().get_trace(span.trace_id) as trace:
-        if trace is not None:
-            trace.info.client_request_id = client_request_id
-            trace.info.trace_metadata.update(metadata)
-            if tags:
-                trace.info.tags.update(exclude_immutable_tags(tags))
-    return span
-
-
-def _set_json(span: LiveSpan, key: str, value: dict[str, Any]) -> None:
-    """What LiveSpan.set_attribute stores, minus its generic encoder; set_inputs would also scan
-    for attachments (~0.1 ms). Our values are plain strings and numbers."""
-    span._span.set_attribute(key, json.dumps(value, ensure_ascii=False))
+    # One trace lookup for all fields (start_span_no_context would take the lock once per kind),
+    # under the manager's lock as its get_trace() does, minus the generator context manager.
+    manager = InMemoryTraceManager.get_instance()
+    with manager._lock:
+        trace = manager._traces.get(span.trace_id)
+        if trace is None:
+            return Root(span, {})
+        trace.info.client_request_id = client_request_id
+        trace.info.trace_metadata.update(metadata)
+        if tags:
+            trace.info.tags.update(exclude_immutable_tags(tags))
+        return Root(span, trace.span_dict)
 
 
 def _inside_a_span() -> bool:
@@ -100,23 +114,50 @@ def unsuppress(token: Any) -> None:
 
 
 def end_span(
-    span: LiveSpan,
+    root: Root,
     *,
     name: str,
+    attributes: dict[str, str],
     status_code: int | None,
     error: BaseException | None,
     disconnected: bool = False,
 ) -> None:
-    span._span.update_name(name)
+    """End the root span, setting all its attributes in one call (the SDK locks per call)."""
+    span, otel = root.span, root.span._span
+    otel.update_name(name)
+    # MLflow stores a JSON value per attribute (LiveSpan.set_attribute): ours are str and int.
+    values = {key: _json(value) for key, value in attributes.items()}
     if status_code is not None:
-        outputs: dict[str, Any] = {"status_code": status_code}
+        values[STATUS] = str(status_code)
         if disconnected:
-            outputs["client_disconnected"] = True
-        _set_json(span, SpanAttributeKey.OUTPUTS, outputs)
+            values[DISCONNECTED] = "true"
+    if len(root.spans) > 1:  # the app made spans of its own
+        _adopt_app_io(otel, root.spans, values)
+    otel.set_attributes(values)
     if error is not None:
         span.record_exception(error if isinstance(error, Exception) else repr(error))
     failed = error is not None or (status_code is not None and status_code >= 500)
     span.end(status=SpanStatusCode.ERROR if failed else SpanStatusCode.OK)
+
+
+def _adopt_app_io(root: Any, spans: dict[str, LiveSpan], values: dict[str, str]) -> None:
+    """The app's request and answer become the trace's: the inputs of the root's first child that
+    has some and the outputs of its last, unless the app set the root's own. MLflow previews the
+    root span's inputs/outputs in the trace list and evaluation reads them (`trace.data.request`):
+    this is what `@mlflow.trace` on the handler would show without the middleware."""
+    own = root.attributes
+    if _INPUTS in own and _OUTPUTS in own:
+        return
+    root_id = root.context.span_id
+    children = [
+        child._span
+        for child in list(spans.values())  # a copy: other threads may still register spans
+        if child._span.parent is not None and child._span.parent.span_id == root_id
+    ]
+    if _INPUTS not in own and (having := [c for c in children if _INPUTS in c.attributes]):
+        values[_INPUTS] = min(having, key=lambda c: c.start_time or 0).attributes[_INPUTS]
+    if _OUTPUTS not in own and (having := [c for c in children if _OUTPUTS in c.attributes]):
+        values[_OUTPUTS] = max(having, key=lambda c: c.end_time or 0).attributes[_OUTPUTS]
 
 
 def set_experiment_destination(experiment_id: str) -> None:

@@ -20,15 +20,14 @@ class RecentTraces:
         self._lock = threading.Lock()
 
     def add(self, trace_id: str, client_request_id: str) -> None:
+        by_request, traces = self._by_request, self._traces
         with self._lock:
-            old = self._by_request.pop(client_request_id, None)
-            if old is not None:
-                self._traces.discard(old)
-            self._by_request[client_request_id] = trace_id
-            self._traces.add(trace_id)
-            if len(self._by_request) > self._size:
-                _, evicted = self._by_request.popitem(last=False)
-                self._traces.discard(evicted)
+            if (old := by_request.pop(client_request_id, None)) is not None:
+                traces.discard(old)
+            by_request[client_request_id] = trace_id
+            traces.add(trace_id)
+            if len(by_request) > self._size:
+                traces.discard(by_request.popitem(last=False)[1])
 
     def trace_for(self, client_request_id: str) -> str | None:
         return self._by_request.get(client_request_id)

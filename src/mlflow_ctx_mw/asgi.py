@@ -142,11 +142,16 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
 
 
 def _view(scope: Scope) -> RequestView:
-    headers: dict[str, str] = {}
-    for raw_name, raw_value in scope.get("headers", ()):
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    raw = scope.get("headers", ())
+    if not isinstance(raw, list):
+        raw = list(raw)
+    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw}
+    if len(headers) < len(raw):  # a repeated name: its values are joined, as HTTP says
+        headers = {}
+        for raw_name, raw_value in raw:
+            name = raw_name.decode("latin-1").lower()
+            value = raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
     return RequestView(
         method=scope.get("method", "GET"),
         path=scope.get("path", ""),
@@ -173,17 +178,22 @@ def _add_headers(headers: Any, rs: RequestSpan) -> list[tuple[bytes, bytes]]:
     RequestSpan.apply_headers merges them (a str round trip, ~3x the cost).
     """
     raw = list(headers)
-    reserved = rs.options.response_header_names
-    if any(name.lower() in reserved for name, _ in raw):
-        decoded = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
-        return [
-            (name.lower().encode("latin-1"), value.encode("latin-1"))
-            for name, value in rs.apply_headers(decoded)
-        ]
-    ours = rs.response_headers()
-    if rs.options.expose_headers:
-        raw.append((_EXPOSE, ", ".join(name for name, _ in ours).encode("latin-1")))
-    raw.extend((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in ours)
+    options = rs.options
+    reserved = options.response_header_names
+    for name, _ in raw:
+        if name.lower() in reserved:
+            decoded = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+            return [
+                (name.lower().encode("latin-1"), value.encode("latin-1"))
+                for name, value in rs.apply_headers(decoded)
+            ]
+    trace_id = rs.trace_id
+    if options.expose_headers and (exposed := options.expose_values[trace_id is not None]):
+        raw.append((_EXPOSE, exposed))
+    if trace_id is not None:
+        raw.append((options.response_header_keys[0], trace_id.encode("latin-1")))
+    if options.echo_request_id:
+        raw.append((options.response_header_keys[1], rs.context.request_id.encode("latin-1")))
     return raw
 
 

@@ -118,6 +118,12 @@ class Options:
     _pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
     #: Lower-case names of the response headers the middleware may set (latin-1 bytes, as ASGI).
     response_header_names: frozenset[bytes] = field(init=False, repr=False, compare=False)
+    #: Lower-case request header names, as mappings of headers are keyed.
+    request_keys: tuple[str, str, str] = field(init=False, repr=False, compare=False)
+    #: The trace id and request id response header names as ASGI bytes (lower case).
+    response_header_keys: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
+    #: Access-Control-Expose-Headers value as ASGI bytes: [without, with] a trace id header.
+    expose_values: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
 
     def excluded(self, path: str) -> bool:
         """Whether `path` is served untraced (cheap: a set lookup when nothing else is set)."""
@@ -178,6 +184,13 @@ class Options:
         names += [self.request_id_header] if self.echo_request_id else []
         names += ["access-control-expose-headers"] if self.expose_headers else []
         set_(self, "response_header_names", frozenset(n.lower().encode("latin-1") for n in names))
+        keys = (self.request_id_header, self.session_id_header, self.user_id_header)
+        set_(self, "request_keys", tuple(name.lower() for name in keys))
+        ours = (self.trace_id_header, self.request_id_header)
+        set_(self, "response_header_keys", tuple(name.lower().encode("latin-1") for name in ours))
+        echoed = [self.request_id_header] if self.echo_request_id else []
+        exposed = (", ".join(echoed), ", ".join([self.trace_id_header, *echoed]))
+        set_(self, "expose_values", tuple(value.encode("latin-1") for value in exposed))
 
     def _exclusions(self) -> list[str]:
         if isinstance(self.exclude_paths, str) or not isinstance(self.exclude_paths, Sequence | set):

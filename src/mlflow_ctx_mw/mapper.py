@@ -98,7 +98,8 @@ def new_request_id() -> str:
 
 def build_context(options: Options, view: RequestView) -> RequestContext:
     headers = view.headers
-    given = clean_id(headers.get(options.request_id_header.lower()), MAX_ID_LENGTH)
+    request_key, session_key, _ = options.request_keys
+    given = clean_id(headers.get(request_key), MAX_ID_LENGTH)
     ctx = RequestContext(
         request_id=given or new_request_id(),
         request_id_generated=given is None,
@@ -115,7 +116,7 @@ def build_context(options: Options, view: RequestView) -> RequestContext:
             ctx.tags[key] = value
     if options.request_hook is not None:
         _apply_hook(options, view, ctx)
-    ctx.session_id = clean_id(headers.get(options.session_id_header.lower()), MAX_METADATA_LENGTH)
+    ctx.session_id = clean_id(headers.get(session_key), MAX_METADATA_LENGTH)
     ctx.user_id = resolve_user(options, view)
     if options.accept_traceparent:
         ctx.caller = parse_traceparent(headers.get("traceparent"))
@@ -141,7 +142,7 @@ def resolve_user(options: Options, view: RequestView) -> str | None:
     if user is not None:
         return clean_id(str(user), MAX_METADATA_LENGTH)
     if options.trust_user_header:
-        return clean_id(view.headers.get(options.user_id_header.lower()), MAX_METADATA_LENGTH)
+        return clean_id(view.headers.get(options.request_keys[2]), MAX_METADATA_LENGTH)
     return None
 
 

@@ -25,6 +25,7 @@ from mlflow_ctx_mw.mapper import USER_KEY, RequestContext, RequestView, build_co
 __all__ = ["RequestSpan", "merge_header_list"]
 
 MAX_NAME_PATH = 200
+MAX_URL_PART = 2048  # path and query on the span: enough to debug, bounded against hostile URLs
 _T = TypeVar("_T")
 _N = TypeVar("_N")
 _GONE = (asyncio.CancelledError, GeneratorExit)
@@ -55,13 +56,15 @@ class RequestSpan:
         "_current_token",
         "_done",
         "_method",
-        "_options",
         "_path",
+        "_query",
+        "_root",
         "_sampled_out",
         "_token",
         "complete",
         "context",
         "error",
+        "options",
         "resolve_route",
         "route",
         "span",
@@ -70,10 +73,12 @@ class RequestSpan:
     )
 
     def __init__(self, options: Options, context: RequestContext, method: str, path: str) -> None:
-        self._options = options
+        self.options = options
         self.context = context
         self._method = method
         self._path = path
+        self._query = ""
+        self._root: _mlflow.Root | None = None
         self._token: object = None
         self._current_token: Token[RequestSpan | None] | None = None
         self._done = False
@@ -106,20 +111,21 @@ class RequestSpan:
             rs._sampled_out = True  # no span; MLflow tracing off while the app runs
             return rs
         try:
-            inputs = {"method": view.method, "path": view.path, "query_string": view.query_string}
-            rs.span = _mlflow.start_root_span(
+            rs._root = _mlflow.start_root_span(
                 rs._name(None),
-                inputs=inputs,
                 metadata=context.metadata,
                 tags=context.tags,
                 client_request_id=context.request_id,
                 caller=context.caller,
                 experiment_id=experiment_id,
             )
-            rs.trace_id = rs.span.trace_id if rs.span is not None else None
+            if rs._root is not None:
+                rs.span = rs._root.span
+                rs.trace_id = rs.span.trace_id
+                rs._query = view.query_string
         except Exception:
             log_once("start", "MLflow could not start a request span; serving untraced")
-            rs.span = None
+            rs._root = rs.span = rs.trace_id = None
         return rs
 
     def attach(self) -> None:
@@ -160,13 +166,9 @@ class RequestSpan:
             except Exception:
                 log_once("user", "MLflow could not record the authenticated user")
 
-    @property
-    def options(self) -> Options:
-        return self._options
-
     def response_headers(self) -> list[tuple[str, str]]:
         """Headers to add to the response: trace id, echoed request id."""
-        options = self._options
+        options = self.options
         headers: list[tuple[str, str]] = []
         if self.trace_id is not None:
             headers.append((options.trace_id_header, self.trace_id))
@@ -179,12 +181,13 @@ class RequestSpan:
         headers = list(headers)
         ours = self.response_headers()
         names = {name.lower() for name, _ in ours}
-        if self._options.expose_headers:
+        if self.options.expose_headers:
             names.add(_EXPOSE)
         out = [(name, value) for name, value in headers if name.lower() not in names]
-        if self._options.expose_headers:
+        if self.options.expose_headers:
             existing = ", ".join(value for name, value in headers if name.lower() == _EXPOSE)
-            out.append((_EXPOSE_NAME, merge_header_list(existing, [name for name, _ in ours])))
+            if merged := merge_header_list(existing, [name for name, _ in ours]):
+                out.append((_EXPOSE_NAME, merged))
         out.extend(ours)
         return out
 
@@ -206,7 +209,7 @@ class RequestSpan:
         if self._done:
             return
         self._done = True
-        if self.span is None:
+        if self._root is None:
             return
         if isinstance(error, _GONE) and self.status_code is not None:
             error = None  # the client left mid-body and the server cancelled us: not an app error
@@ -214,14 +217,18 @@ class RequestSpan:
             error = error or self.error
             status = self.status_code if self.status_code is not None or error is None else 500
             route = self.route or self.resolve_route()
+            http = {_mlflow.METHOD: self._method, _mlflow.PATH: self._path[:MAX_URL_PART]}
+            if self._query:
+                http[_mlflow.QUERY] = self._query[:MAX_URL_PART]
             _mlflow.end_span(
-                self.span,
+                self._root,
                 name=self._name(route),
+                attributes=http,
                 status_code=status,
                 error=error,
                 disconnected=error is None and status is not None and not self.complete,
             )
-            RECENT.add(self.span.trace_id, self.context.request_id)
+            RECENT.add(self.trace_id, self.context.request_id)  # type: ignore[arg-type]
         except Exception:
             log_once("end", "MLflow could not end a request span")
 
