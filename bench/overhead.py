@@ -124,7 +124,23 @@ def asgi_variants() -> dict[str, tuple[Any, str]]:
             "/chat",
         ),
         "ours, excluded path": (MlflowContextMiddleware(bare_app, exclude_paths=["/health"]), "/health"),
+        # The same two through FastAPI's add_middleware (ours also wraps the app's 500 handler).
+        "fastapi floor": (fastapi_app(floor_middleware), "/chat"),
+        "fastapi ours": (fastapi_app(MlflowContextMiddleware), "/chat"),
     }
+
+
+def fastapi_app(middleware: Any) -> Any:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.post("/chat")(_hello)
+    app.add_middleware(middleware)
+    return app
+
+
+async def _hello() -> dict[str, str]:
+    return {"message": "hello"}
 
 
 def asgi_runner(app: Any, path: str) -> Callable[[int], None]:
