@@ -157,11 +157,11 @@ LOAD = int(os.environ.get("MLFLOW_CTX_LOAD_REQUESTS", "200"))
 CONCURRENCY = 64
 
 
-@pytest.mark.timeout(120 + LOAD // 10)  # ingest runs at ~30 traces/s on the CI machine
+@pytest.mark.timeout(120 + LOAD // 5)  # a local SQLite server ingests ~10-30 traces/s
 def test_concurrent_requests_each_get_exactly_their_own_trace(served: tuple[str, str]) -> None:
     """LOAD requests at concurrency 64 with distinct ids: LOAD traces, 0 lost, 0 mixed.
 
-    The suite runs 200 per adapter (a local SQLite server ingests ~30 traces/s here);
+    The suite runs 200 per adapter (a local SQLite server ingests ~10-30 traces/s);
     MLFLOW_CTX_LOAD_REQUESTS=2000 runs the full-size check.
     """
     _, url = served
@@ -191,8 +191,13 @@ def test_concurrent_requests_each_get_exactly_their_own_trace(served: tuple[str,
 
     issued = asyncio.run(burst())
     assert len(issued) == LOAD  # distinct trace ids
-    traces = find_traces(f"tags.tenant = '{run}'", expected=LOAD, timeout=max(60, LOAD / 10))
-    assert len(traces) == LOAD
+    # The apps run in this process: once MLflow's queues are drained, every export has had the
+    # server's answer, so a trace missing after this is lost, not late (ingest speed varies a lot).
+    mlflow.flush_trace_async_logging()
+    traces = find_traces(f"tags.tenant = '{run}'", expected=LOAD, timeout=30)
+    landed = {trace.info.trace_id for trace in traces}
+    missing = sorted(i for trace_id, i in issued.items() if trace_id not in landed)
+    assert len(traces) == LOAD, (missing[:20], export_stats(), before)
     for trace in traces:
         i = issued[trace.info.trace_id]
         meta = trace.info.trace_metadata
