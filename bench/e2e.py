@@ -13,11 +13,13 @@ the app's figures are its own CPU. Prints a table; writes bench/results/e2e-*.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import re
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -88,10 +90,25 @@ def measure(target: str, variant: str, args: argparse.Namespace, env: dict[str, 
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/_stats", proc=proc, timeout=60)
         wrk(f"{base}/hello", args.warmup, args.connections)
+        urllib.request.urlopen(f"{base}/_stats", timeout=10).close()  # GC figures from here on
+        before = landed(args.store)
         figures: dict[str, Any] = wrk(f"{base}/hello", args.seconds, args.connections)
+        figures["landed_per_s"] = (landed(args.store) - before) / args.seconds
         with urllib.request.urlopen(f"{base}/_stats", timeout=10) as response:
             figures["export_stats"] = json.load(response)
     return figures
+
+
+def gc_summary(figures: dict[str, Any]) -> str:
+    gc = figures["export_stats"]["gc"]
+    counts = "/".join(str(n) for n in gc["collections"])
+    return f"{counts} full {gc['pause_ms'][2]:.0f} ms longest {gc['longest_ms']:.0f} ms"
+
+
+def landed(store: Path) -> int:
+    """Traces the tracking server has stored so far: the export work the app's process did."""
+    with contextlib.closing(sqlite3.connect(store / "mlflow.db", timeout=30)) as db:
+        return int(db.execute("SELECT COUNT(*) FROM trace_info").fetchone()[0])
 
 
 def main() -> None:
@@ -115,7 +132,8 @@ def main() -> None:
     import mlflow
 
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {t: {v: [] for v in variants(t)} for t in targets}
-    with local_mlflow_server(Path(tempfile.mkdtemp(prefix="bench-e2e-"))) as url:
+    args.store = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    with local_mlflow_server(args.store) as url:
         mlflow.set_tracking_uri(url)
         experiment_id = mlflow.set_experiment("e2e").experiment_id
         env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_EXPERIMENT_ID": experiment_id}
@@ -126,7 +144,8 @@ def main() -> None:
                     samples[target][variant].append(figures)
                     print(
                         f"round {round_no + 1} {target:<16} {variant:<5} {figures['rps']:>9.0f} rps "
-                        f"p50 {figures['p50_ms']:.2f} ms p99 {figures['p99_ms']:.2f} ms",
+                        f"p50 {figures['p50_ms']:.2f} ms p99 {figures['p99_ms']:.2f} ms "
+                        f"landed {figures['landed_per_s']:.0f}/s gc {gc_summary(figures)}",
                         flush=True,
                     )
     report(args, targets, samples)
@@ -136,13 +155,15 @@ def report(args: argparse.Namespace, targets: list[str], samples: dict[str, Any]
     import mlflow
 
     table: dict[str, dict[str, dict[str, float]]] = {}
-    print(f"\n{'target':<18}{'variant':<8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'vs bare':>9}")
+    print(f"\n{'target':<18}{'variant':<8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'vs bare':>9}"
+          f"{'landed/s':>10}")  # fmt: skip
     for target in targets:
         table[target] = {}
         for variant in variants(target):
             runs = samples[target][variant]
             table[target][variant] = {
-                key: statistics.median(run[key] for run in runs) for key in ("rps", "p50_ms", "p99_ms")
+                key: statistics.median(run[key] for run in runs)
+                for key in ("rps", "p50_ms", "p99_ms", "landed_per_s")
             }
             for lost in ("dropped_exports", "evicted_traces"):
                 table[target][variant][lost] = max(run["export_stats"].get(lost, 0) for run in runs)
@@ -150,7 +171,7 @@ def report(args: argparse.Namespace, targets: list[str], samples: dict[str, Any]
         for variant in variants(target):
             row = table[target][variant]
             print(f"{target:<18}{variant:<8}{row['rps']:>10.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
-                  f"{row['rps'] / bare:>9.0%}")  # fmt: skip
+                  f"{row['rps'] / bare:>9.0%}{row['landed_per_s']:>10.0f}")  # fmt: skip
     result = {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
               "mlflow": mlflow.__version__, "pinned": args.pin, "seconds": args.seconds,
               "rounds": args.rounds, "connections": args.connections, "ours_options": args.ours_options,

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import time
 from typing import Any
 
 from mlflow_ctx_mw import export_stats
@@ -25,11 +27,43 @@ OPTIONS: dict[str, Any] = {"exclude_paths": ["/_stats"], **json.loads(os.environ
 if VARIANT != "bare":  # the same destination set-up for every traced variant
     import mlflow
 
+    from mlflow_ctx_mw.export import watch_exports
+
     mlflow.set_experiment(experiment_id=os.environ["MLFLOW_EXPERIMENT_ID"])
+    watch_exports()  # drop counters for the floor too (ours installs them itself): same hooks
 
 
-def _stats() -> dict[str, int]:
-    return dict(export_stats().__dict__)
+class GcWatch:
+    """Collections and their pauses: end to end, the tail latency is mostly full collections."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.pause_ms = [0.0, 0.0, 0.0]
+        self.longest_ms = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = (time.perf_counter() - self._started) * 1e3
+        self.collections[info["generation"]] += 1
+        self.pause_ms[info["generation"]] += pause
+        self.longest_ms = max(self.longest_ms, pause)
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+GC = GcWatch()
+gc.callbacks.append(GC)
+
+
+def _stats() -> dict[str, Any]:
+    """Export drops so far; collections since the last call."""
+    collected = {key: value for key, value in vars(GC).items() if not key.startswith("_")}
+    GC.reset()
+    return {**export_stats().__dict__, "gc": collected}
 
 
 def _fastapi() -> Any:
@@ -42,7 +76,7 @@ def _fastapi() -> Any:
         return {"message": "hello"}
 
     @app.get("/_stats")
-    async def stats() -> dict[str, int]:
+    async def stats() -> dict[str, Any]:
         return _stats()
 
     if OURS:

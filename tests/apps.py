@@ -14,17 +14,23 @@ import threading
 import time
 
 import mlflow
-from fastapi import BackgroundTasks  # resolved by name: handlers' annotations are strings here
+from fastapi import BackgroundTasks, Request  # resolved by name: annotations are strings here
 
 #: Served without the middleware, to compare against (tests/served.py, outage timings).
 BARE = os.environ.get("MLFLOW_CTX_BARE") == "1"
 BACKGROUND_DONE = threading.Event()
 
 
-def background_work() -> None:
+def background_work(user: str) -> None:
     """A Starlette background task: runs after the response has gone out."""
     time.sleep(0.3)
+    traced_after_response(user)
     BACKGROUND_DONE.set()
+
+
+@mlflow.trace(name="after_response")
+def traced_after_response(user: str) -> None:
+    mlflow.update_current_trace(tags={"after_response_of": user})
 
 
 STREAM_CHUNKS = 3
@@ -103,8 +109,8 @@ def fastapi_app(**extra: object) -> object:
         return StreamingResponse(async_chunks(2, fail=True), media_type="text/event-stream")
 
     @app.get("/background")
-    async def background(tasks: BackgroundTasks) -> dict[str, str]:
-        tasks.add_task(background_work)
+    async def background(tasks: BackgroundTasks, request: Request) -> dict[str, str]:
+        tasks.add_task(background_work, request.headers.get("X-User-ID", ""))
         return {"queued": "yes"}
 
     if not BARE:

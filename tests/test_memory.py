@@ -4,15 +4,20 @@ buffers bounded. The suite drives 15,000 requests per adapter; the full-size run
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from mlflow_ctx_mw.span import RequestSpan
 from mlflow_ctx_mw.testing import free_port
 
 PROBE = Path(__file__).resolve().parent / "memory_probe.py"
@@ -49,3 +54,24 @@ def test_memory_and_mlflow_buffers_stay_bounded(adapter: str) -> None:
     growth = ours["rss_end_mb"] - ours["rss_after_warmup_mb"]
     baseline = bare["rss_end_mb"] - bare["rss_after_warmup_mb"]  # the same app, untraced
     assert growth < baseline + 15, (ours, bare)
+
+
+def test_the_server_keeps_nothing_of_a_request_once_answered(served: tuple[str, str]) -> None:
+    """uvicorn snapshots the context in the last send for its keep-alive timer (~5 s): a request's
+    span and scope must not be in it, or at load they crowd the GC into long full collections."""
+    _, url = served
+    run = f"kept-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(timeout=10) as client:  # one kept-alive connection, re-armed per response
+        for i in range(20):
+            response = client.get(f"{url}/items/{i}", headers={"X-Request-ID": f"{run}-{i}"})
+            assert response.headers["X-Request-ID"] == f"{run}-{i}"
+        deadline = time.monotonic() + 2  # the last request may still be ending its span
+        while (alive := _alive_request_spans(run)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert alive == []
+
+
+def _alive_request_spans(run: str) -> list[str]:
+    gc.collect()
+    return [o.context.request_id for o in gc.get_objects()
+            if type(o) is RequestSpan and o.context.request_id.startswith(run)]  # fmt: skip

@@ -100,3 +100,7 @@ def test_background_task_runs_after_the_span_ended(served: tuple[str, str]) -> N
     assert apps.BACKGROUND_DONE.wait(5)
     assert (root.end_time_ns - root.start_time_ns) / 1e9 < 0.3  # ended with the body, not after the task
     assert found.info.state == "OK"
+    # Traced work after the response is a trace of its own, not lost under the ended request span.
+    [after] = find_traces(f"tags.after_response_of = '{user}'")
+    assert after.info.trace_id != found.info.trace_id
+    assert [span.name for span in get_trace(after.info.trace_id).data.spans] == ["after_response"]

@@ -69,8 +69,11 @@ class MlflowContextMiddleware:
             if kind == "http.response.start":
                 rs.status_code = message["status"]
                 message = {**message, "headers": _add_headers(message.get("headers", ()), rs)}
+            last = kind in _FINAL or (kind == "http.response.body" and not message.get("more_body"))
+            if last:
+                rs.detach_before_last_send()
             await send(message)
-            if kind in _FINAL or (kind == "http.response.body" and not message.get("more_body")):
+            if last:
                 rs.complete = True
                 rs.finish()
 

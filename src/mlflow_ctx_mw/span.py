@@ -155,6 +155,24 @@ class RequestSpan:
         except Exception:
             log_once("detach", "MLflow could not detach the request span")
 
+    def detach_before_last_send(self) -> None:
+        """Detach now if this is the context that attached; else leave it to detach().
+
+        Servers snapshot the context in the last send (uvicorn's keep-alive timer, ~5 s): with
+        this request in it, its span and scope outlive the request, filling the GC's young
+        generation and adding full collections (the tail latency). Code after the response
+        (background tasks) then runs outside the request's span, which has ended by then anyway.
+        """
+        current = self._current_token
+        if current is None:
+            return
+        try:
+            CURRENT.reset(current)  # raises in another context (a streaming task): nothing changes
+        except ValueError:
+            return
+        self._current_token = None
+        self.detach()
+
     def learn_user(self, user: str | None) -> None:
         """A user known only once the app ran (Flask-Login) replaces the header's."""
         if not user or user == self.context.user_id:
