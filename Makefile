@@ -27,7 +27,8 @@ test: lint chromium
 
 # The concurrency check at full size: 2,000 requests at concurrency 64 through each of the five
 # adapters (the suite runs 200). A local SQLite server ingests ~10-30 traces/s on 2 cores, so this
-# takes ~16 min; the queue is sized to hold the burst. CI runs it after `make test`.
+# takes ~9-17 min; the queue is sized to hold the burst and drained before the traces are
+# counted. CI runs it after `make test`.
 load: $(VENV)/.installed
 	MLFLOW_CTX_LOAD_REQUESTS=2000 MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE=20000 \
 	  $(PY) -m pytest tests/test_production.py -k concurrent -p no:cacheprovider

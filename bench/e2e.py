@@ -5,9 +5,13 @@
 Each target (FastAPI under uvicorn, Flask under gunicorn, Django under gunicorn and uvicorn; one
 worker each) is started fresh per measurement, warmed up, then loaded by `wrk` (Debian's package)
 from a second process on loopback; variants alternate (bare, ours, bare, ours ...) and the figures
-are medians over rounds. Traces go to a live local MLflow server with async export on. On a
+are medians over rounds. Traces go to a live local MLflow server with async export on; each
+measurement starts once the server has stopped ingesting the previous app's traces. On a
 machine with 2+ cores the app is pinned to core 0 and wrk + the MLflow server to the others, so
-the app's figures are its own CPU. Prints a table; writes bench/results/e2e-*.json.
+the app's figures are its own CPU. Also reported per run: traces the server stored per second,
+and the app's garbage collections (young/middle/full) with their pauses, the tail latency's
+main cause. `--gc-freeze` makes the apps call gc.freeze() after start-up. Prints a table;
+writes bench/results/e2e-*.json.
 """
 
 from __future__ import annotations
@@ -78,11 +82,13 @@ def wrk(url: str, seconds: float, connections: int) -> dict[str, float]:
 
 def measure(target: str, variant: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     kind, (server, app) = TARGETS[target][0], TARGETS[target][1]
+    settle(args.store)
     port = free_port()
     command = server_command(server, app, port)
     if args.pin:
         command = ["taskset", "-c", "0", *command]
-    env = {**env, "BENCH_TARGET": kind, "BENCH_VARIANT": variant, "BENCH_OPTIONS": args.ours_options}
+    env = {**env, "BENCH_TARGET": kind, "BENCH_VARIANT": variant, "BENCH_OPTIONS": args.ours_options,
+           "BENCH_GC_FREEZE": "1" if args.gc_freeze else "0"}  # fmt: skip
     log = Path(tempfile.gettempdir()) / f"bench-e2e-{target}-{variant}.log"  # a pipe could fill and block
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -105,6 +111,18 @@ def gc_summary(figures: dict[str, Any]) -> str:
     return f"{counts} full {gc['pause_ms'][2]:.0f} ms longest {gc['longest_ms']:.0f} ms"
 
 
+def settle(store: Path, quiet: float = 1.0, limit: float = 120.0) -> None:
+    """Wait until the server stops ingesting the last app's traces: it shares a core with wrk."""
+    deadline = time.monotonic() + limit
+    last = landed(store)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = landed(store)
+        if now == last:
+            return
+        last = now
+
+
 def landed(store: Path) -> int:
     """Traces the tracking server has stored so far: the export work the app's process did."""
     with contextlib.closing(sqlite3.connect(store / "mlflow.db", timeout=30)) as db:
@@ -121,6 +139,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--ours-options", default="{}", help='JSON, e.g. {"expose_headers": false}')
+    parser.add_argument("--gc-freeze", action="store_true", help="apps call gc.freeze() after start-up")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("needs wrk: apt-get install wrk")
@@ -175,6 +194,7 @@ def report(args: argparse.Namespace, targets: list[str], samples: dict[str, Any]
     result = {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
               "mlflow": mlflow.__version__, "pinned": args.pin, "seconds": args.seconds,
               "rounds": args.rounds, "connections": args.connections, "ours_options": args.ours_options,
+              "gc_freeze": args.gc_freeze,
               "results": table}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"e2e-{int(time.time())}.json").write_text(json.dumps(result, indent=2))

@@ -150,3 +150,6 @@ elif _target == "django-asgi":
     from django.core.asgi import get_asgi_application
 
     django_asgi = get_asgi_application()
+
+if os.environ.get("BENCH_GC_FREEZE") == "1":  # what an app can do at the end of its start-up
+    gc.freeze()

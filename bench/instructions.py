@@ -1,8 +1,9 @@
 """Instructions per request, counted by valgrind's callgrind: repeatable where timings are not.
 
     python bench/instructions.py [--variants bare,floor,ours] [--requests 300]
+    python bench/instructions.py --variants "wsgi floor,wsgi ours"
 
-Each variant of bench/overhead.py's ASGI app runs in its own process under
+Each variant of bench/overhead.py's apps (ASGI; WSGI as "wsgi <name>") runs in its own process under
 `valgrind --tool=callgrind --instr-atstart=no`; counting is switched on (callgrind_control) only
 around two runs of N and 2N requests, and the figure is (count(2N) - count(N)) / N, so start-up
 and warm-up cancel out. Two parts are counted apart: the request path (MLflow's batch processor
@@ -38,8 +39,7 @@ MlflowV3SpanExporter._log_trace = lambda self, *a, **k: None
 MlflowV3SpanExporter._log_spans = lambda self, *a, **k: None
 mlflow.set_tracking_uri({uri!r})
 mlflow.set_experiment("instructions")
-app, path = overhead.asgi_variants()[{variant!r}]
-run = overhead.asgi_runner(app, path)
+run = overhead.runner_for({variant!r})
 marks = {marks!r}
 run(200)
 mlflow.flush_trace_async_logging()
@@ -130,11 +130,13 @@ def main() -> None:
             split[variant] = {"request_path": path, "export": export}
             print(f"{variant:<28}{path + export:>14,.0f}{path:>14,.0f}{export:>12,.0f}", flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
-    floor = per_request.get("floor")
-    if floor:
-        for variant, value in per_request.items():
-            ratio = split[variant]["request_path"] / split["floor"]["request_path"]
-            print(f"{variant:<28}{value / floor:>8.3f} x floor ({ratio:.3f} x on the request path)")
+    for variant, value in per_request.items():  # each against its own kind's floor
+        kind = variant.split(" ")[0] + " " if " " in variant else ""
+        floor = f"{kind}floor" if f"{kind}floor" in split else None
+        if floor is not None:
+            ratio = split[variant]["request_path"] / split[floor]["request_path"]
+            total = value / per_request[floor]
+            print(f"{variant:<28}{total:>8.3f} x {floor} ({ratio:.3f} x on the request path)")
     RESULTS.mkdir(exist_ok=True)
     report = {"python": sys.version.split()[0], "requests": args.requests, "per_request": per_request,
               "split": split}  # fmt: skip

@@ -44,17 +44,37 @@ def floor_middleware(app: Any) -> Any:
     async def middleware(scope: Any, receive: Any, send: Any) -> None:
         headers = dict(scope["headers"])
         with mlflow.start_span(f"{scope['method']} {scope['path']}") as span:
-            mlflow.update_current_trace(
-                client_request_id=headers[b"x-request-id"].decode(),
-                metadata={
-                    "mlflow.trace.session": headers[b"x-session-id"].decode(),
-                    "mlflow.trace.user": headers[b"x-user-id"].decode(),
-                },
-            )
+            _floor_fields(headers[b"x-request-id"].decode(), headers[b"x-session-id"].decode(),
+                          headers[b"x-user-id"].decode())  # fmt: skip
             await app(scope, receive, send)
             span.set_outputs({"status_code": 200})
 
     return middleware
+
+
+def floor_wsgi(app: Any) -> Any:
+    """The floor for WSGI: the body is consumed inside the span, as a streaming-aware one must."""
+    import mlflow
+
+    def middleware(environ: Any, start_response: Any) -> list[bytes]:
+        with mlflow.start_span(f"{environ['REQUEST_METHOD']} {environ['PATH_INFO']}") as span:
+            _floor_fields(
+                environ["HTTP_X_REQUEST_ID"], environ["HTTP_X_SESSION_ID"], environ["HTTP_X_USER_ID"]
+            )
+            body = list(app(environ, start_response))
+            span.set_outputs({"status_code": 200})
+        return body
+
+    return middleware
+
+
+def _floor_fields(request_id: str, session: str, user: str) -> None:
+    import mlflow
+
+    mlflow.update_current_trace(
+        client_request_id=request_id,
+        metadata={"mlflow.trace.session": session, "mlflow.trace.user": user},
+    )
 
 
 def seed_app() -> Any:
@@ -177,6 +197,7 @@ def wsgi_variants() -> dict[str, tuple[Any, str]]:
 
     return {
         "bare": (bare_wsgi, "/chat"),
+        "floor": (floor_wsgi(bare_wsgi), "/chat"),
         "otel": (OpenTelemetryMiddleware(bare_wsgi, tracer_provider=otel_provider()), "/chat"),
         "ours": (MlflowContextMiddleware(bare_wsgi), "/chat"),
         "ours, excluded path": (MlflowContextMiddleware(bare_wsgi, exclude_paths=["/health"]), "/health"),
@@ -202,6 +223,13 @@ def wsgi_runner(app: Any, path: str) -> Callable[[int], None]:
                 close()
 
     return many
+
+
+def runner_for(variant: str) -> Callable[[int], None]:
+    """Any variant by name, WSGI ones as "wsgi <name>" (bench/instructions.py)."""
+    if variant.startswith("wsgi "):
+        return wsgi_runner(*wsgi_variants()[variant.removeprefix("wsgi ")])
+    return asgi_runner(*asgi_variants()[variant])
 
 
 # --- the harness ---------------------------------------------------------------------------------
