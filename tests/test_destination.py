@@ -18,7 +18,8 @@ import pytest
 
 from mlflow_ctx_mw.testing import free_port
 
-# Counts (and passes through) the client calls MLflow makes to find an experiment.
+# Counts (and passes through) the client calls MLflow makes to find an experiment, and its asks
+# of the default-experiment providers (each tries to import Databricks' and IPython's modules).
 SCRIPT = """
 import json, logging, sys
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -29,6 +30,11 @@ for name in ("get_experiment_by_name", "get_experiment", "create_experiment"):
         calls.append(_name)
         return _original(self, *args, **kwargs)
     setattr(MlflowClient, name, spy)
+from mlflow.tracking.default_experiment import registry
+def default_spy(_original=registry.get_experiment_id):
+    calls.append("default_experiment")
+    return _original()
+registry.get_experiment_id = default_spy
 
 from werkzeug.test import create_environ
 from mlflow_ctx_mw.wsgi import MlflowContextMiddleware
@@ -105,6 +111,16 @@ def test_set_experiment_in_the_app_wins_over_the_environment(mlflow_server: str,
     experiment = mlflow.get_experiment_by_name(chosen)
     assert experiment is not None and None not in ids
     assert landed(experiment.experiment_id) == ids
+
+
+def test_no_experiment_configured_asks_for_the_default_once(mlflow_server: str) -> None:
+    """MLflow alone asks its default-experiment providers as every trace starts (~430 us)."""
+    result = run_app({"MLFLOW_TRACKING_URI": mlflow_server})
+    assert result["at_start"] == ["default_experiment"]
+    assert result["per_request"] == []
+    ids = {served["trace_id"] for served in result["served"]}
+    assert None not in ids and len(ids) == 20
+    assert ids <= landed("0")
 
 
 def test_server_down_serves_untraced_without_a_lookup_per_request() -> None:

@@ -123,4 +123,4 @@ def test_an_explicit_experiment_id_decides_where_the_trace_goes() -> None:
     _mlflow.end_span(started, name="GET /", attributes={}, status_code=200, error=None)
     mlflow.flush_trace_async_logging()
     assert mlflow.get_trace(started.span.trace_id).info.experiment_id == other
-    assert not _mlflow.env_experiment_pending()  # the suite has set an experiment in this process
+    assert _mlflow.experiment_fallback() is None  # the suite has set an experiment in this process
