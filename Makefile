@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test load lint chromium clean
+.PHONY: demo test load lint compat package bench-lean-venv chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,7 @@ demo: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests examples bench
+	$(PY) -m mypy
 
 # The browser test drives Debian's Chromium (installed here when we may; skipped otherwise).
 chromium:
@@ -33,5 +34,22 @@ load: $(VENV)/.installed
 	MLFLOW_CTX_LOAD_REQUESTS=2000 MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE=20000 \
 	  $(PY) -m pytest tests/test_production.py -k concurrent -p no:cacheprovider
 
+# The integration core on the oldest, a middle and the newest mlflow-tracing (lean installs, no
+# full mlflow), the oldest frameworks, both ways of naming the experiment, and a sweep of every
+# other minor release (tests/compat.py; ~25 min on 2 cores, most of it waiting on the server).
+compat: $(VENV)/.installed
+	$(PY) tests/compat.py
+
+# The wheel and sdist as users install them: built, installed in clean venvs, smoke-tested.
+package: $(VENV)/.installed
+	rm -rf dist
+	$(PY) -m build --outdir dist . >/dev/null
+	$(PY) tests/package_smoke.py dist
+
+# A lean venv on this Python for `bench/instructions.py --python .compat/bench-lean/bin/python`.
+bench-lean-venv: $(VENV)/.installed
+	$(PYTHON) -m venv .compat/bench-lean
+	.compat/bench-lean/bin/pip install --quiet -e . "mlflow-tracing==$$($(PY) -c 'import importlib.metadata as m; print(m.version("mlflow-tracing"))')"
+
 clean:
-	rm -rf $(VENV) demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo dist .compat .pytest_cache .ruff_cache .mypy_cache

@@ -2,6 +2,10 @@
 
     python bench/instructions.py [--variants bare,floor,ours] [--requests 300]
     python bench/instructions.py --variants "wsgi floor,wsgi ours"
+    python bench/instructions.py --variants "floor,ours" --python .compat/bench-lean/bin/python
+
+`--python` runs the app under another interpreter, e.g. a venv with the lean `mlflow-tracing`
+and no full `mlflow` (`make bench-lean-venv`); compare against the same Python version only.
 
 Each variant of bench/overhead.py's apps (ASGI; WSGI as "wsgi <name>") runs in its own process under
 `valgrind --tool=callgrind --instr-atstart=no`; counting is switched on (callgrind_control) only
@@ -66,13 +70,13 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.2)
 
 
-def count(variant: str, requests: int, uri: str, workdir: Path) -> tuple[int, int]:
+def count(variant: str, requests: int, uri: str, workdir: Path, python: str) -> tuple[int, int]:
     """Instructions of (the requests, the export that follows), all threads."""
     marks = workdir / f"{variant}-{requests}"
     out = workdir / f"callgrind.{variant}.{requests}"
     code = CHILD.format(here=str(HERE), uri=uri, variant=variant, marks=str(marks), requests=requests)
     command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-               sys.executable, "-c", code]  # fmt: skip
+               python, "-c", code]  # fmt: skip
     held_back = str(10 * requests)  # no batch is due while the requests run; nothing is evicted
     env = {**os.environ, "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE": "1000000",
            "MLFLOW_ASYNC_TRACE_LOGGING_MAX_SPAN_BATCH_SIZE": held_back,
@@ -112,6 +116,7 @@ def main() -> None:
     )
     parser.add_argument("--variants", default="bare,floor,otel,ours")
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--python", default=sys.executable, help="the app's interpreter (default: this one)")
     args = parser.parse_args()
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         sys.exit("needs valgrind: apt-get install valgrind")
@@ -123,8 +128,8 @@ def main() -> None:
     print(f"{'instructions/request':<28}{'total':>14}{'request path':>14}{'export':>12}")
     with local_mlflow_server(workdir / "mlflow") as uri:
         for variant in args.variants.split(","):
-            once = count(variant, args.requests, uri, workdir)
-            twice = count(variant, 2 * args.requests, uri, workdir)
+            once = count(variant, args.requests, uri, workdir, args.python)
+            twice = count(variant, 2 * args.requests, uri, workdir, args.python)
             path, export = ((b - a) / args.requests for a, b in zip(once, twice, strict=True))
             per_request[variant] = path + export
             split[variant] = {"request_path": path, "export": export}
@@ -138,8 +143,15 @@ def main() -> None:
             total = value / per_request[floor]
             print(f"{variant:<28}{total:>8.3f} x {floor} ({ratio:.3f} x on the request path)")
     RESULTS.mkdir(exist_ok=True)
-    report = {"python": sys.version.split()[0], "requests": args.requests, "per_request": per_request,
-              "split": split}  # fmt: skip
+    probe = (
+        "import sys, importlib.metadata as m, importlib.util as u; print(sys.version.split()[0], "
+        "m.version('mlflow-tracing'), u.find_spec('mlflow.server') is None)"
+    )
+    version, tracing, lean = subprocess.run([args.python, "-c", probe], capture_output=True, text=True,
+                                            check=True).stdout.split()  # fmt: skip
+    print(f"app: Python {version}, mlflow-tracing {tracing}, {'lean' if lean == 'True' else 'full'} install")
+    report = {"python": version, "mlflow_tracing": tracing, "install": "lean" if lean == "True" else "full",
+              "requests": args.requests, "per_request": per_request, "split": split}  # fmt: skip
     (RESULTS / f"instr-{int(time.time())}.json").write_text(json.dumps(report, indent=2))
 
 

@@ -128,26 +128,29 @@ def otel_provider() -> Any:
     return provider
 
 
-def asgi_variants() -> dict[str, tuple[Any, str]]:
-    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-
+def asgi_variants(only: str | None = None) -> dict[str, tuple[Any, str]]:
+    """Variant -> (app, path); `only` builds just that one (the lean install has no OTel/FastAPI)."""
     from mlflow_ctx_mw.asgi import MlflowContextMiddleware
 
-    return {
-        "bare": (bare_app, "/chat"),
-        "floor": (floor_middleware(bare_app), "/chat"),
-        "seed": (seed_app(), "/chat"),
-        "otel": (OpenTelemetryMiddleware(bare_app, tracer_provider=otel_provider()), "/chat"),
-        "ours": (MlflowContextMiddleware(bare_app), "/chat"),
-        "ours+feedback+exclusions": (
-            MlflowContextMiddleware(bare_app, exclude_paths=["/health", "/static/*"]),
-            "/chat",
-        ),
-        "ours, excluded path": (MlflowContextMiddleware(bare_app, exclude_paths=["/health"]), "/health"),
+    def otel() -> Any:
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+        return OpenTelemetryMiddleware(bare_app, tracer_provider=otel_provider())
+
+    ours = MlflowContextMiddleware
+    factories: dict[str, Callable[[], tuple[Any, str]]] = {
+        "bare": lambda: (bare_app, "/chat"),
+        "floor": lambda: (floor_middleware(bare_app), "/chat"),
+        "seed": lambda: (seed_app(), "/chat"),
+        "otel": lambda: (otel(), "/chat"),
+        "ours": lambda: (ours(bare_app), "/chat"),
+        "ours+feedback+exclusions": lambda: (ours(bare_app, exclude_paths=["/health", "/static/*"]), "/chat"),
+        "ours, excluded path": lambda: (ours(bare_app, exclude_paths=["/health"]), "/health"),
         # The same two through FastAPI's add_middleware (ours also wraps the app's 500 handler).
-        "fastapi floor": (fastapi_app(floor_middleware), "/chat"),
-        "fastapi ours": (fastapi_app(MlflowContextMiddleware), "/chat"),
+        "fastapi floor": lambda: (fastapi_app(floor_middleware), "/chat"),
+        "fastapi ours": lambda: (fastapi_app(ours), "/chat"),
     }
+    return {name: make() for name, make in factories.items() if only in (None, name)}
 
 
 def fastapi_app(middleware: Any) -> Any:
@@ -190,18 +193,22 @@ def bare_wsgi(environ: Any, start_response: Any) -> list[bytes]:
     return [b"hello"]
 
 
-def wsgi_variants() -> dict[str, tuple[Any, str]]:
-    from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+def wsgi_variants(only: str | None = None) -> dict[str, tuple[Any, str]]:
+    from mlflow_ctx_mw.wsgi import MlflowContextMiddleware as ours
 
-    from mlflow_ctx_mw.wsgi import MlflowContextMiddleware
+    def otel() -> Any:
+        from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
 
-    return {
-        "bare": (bare_wsgi, "/chat"),
-        "floor": (floor_wsgi(bare_wsgi), "/chat"),
-        "otel": (OpenTelemetryMiddleware(bare_wsgi, tracer_provider=otel_provider()), "/chat"),
-        "ours": (MlflowContextMiddleware(bare_wsgi), "/chat"),
-        "ours, excluded path": (MlflowContextMiddleware(bare_wsgi, exclude_paths=["/health"]), "/health"),
+        return OpenTelemetryMiddleware(bare_wsgi, tracer_provider=otel_provider())
+
+    factories: dict[str, Callable[[], tuple[Any, str]]] = {
+        "bare": lambda: (bare_wsgi, "/chat"),
+        "floor": lambda: (floor_wsgi(bare_wsgi), "/chat"),
+        "otel": lambda: (otel(), "/chat"),
+        "ours": lambda: (ours(bare_wsgi), "/chat"),
+        "ours, excluded path": lambda: (ours(bare_wsgi, exclude_paths=["/health"]), "/health"),
     }
+    return {name: make() for name, make in factories.items() if only in (None, name)}
 
 
 def wsgi_runner(app: Any, path: str) -> Callable[[int], None]:
@@ -228,8 +235,9 @@ def wsgi_runner(app: Any, path: str) -> Callable[[int], None]:
 def runner_for(variant: str) -> Callable[[int], None]:
     """Any variant by name, WSGI ones as "wsgi <name>" (bench/instructions.py)."""
     if variant.startswith("wsgi "):
-        return wsgi_runner(*wsgi_variants()[variant.removeprefix("wsgi ")])
-    return asgi_runner(*asgi_variants()[variant])
+        name = variant.removeprefix("wsgi ")
+        return wsgi_runner(*wsgi_variants(only=name)[name])
+    return asgi_runner(*asgi_variants(only=variant)[variant])
 
 
 # --- the harness ---------------------------------------------------------------------------------

@@ -2,10 +2,20 @@
 
 The apps run in this process (uvicorn / waitress in a thread) so that each test can read back,
 through MLflow's own client, exactly what the middleware exported.
+
+Two switches make the same tests run where users are (`make compat`):
+- MLFLOW_CTX_SERVER_PYTHON: the Python whose full `mlflow` runs the tracking server, so that this
+  process may hold only the lean `mlflow-tracing` (as an app in production does);
+- MLFLOW_CTX_CONFIG=code|env: the apps' experiment set by `mlflow.set_experiment` in code, or
+  named only by MLFLOW_TRACKING_URI + MLFLOW_EXPERIMENT_NAME in the environment.
+- MLFLOW_CTX_TRACKING_URI: use this running server instead of starting one (the version sweep);
+- MLFLOW_CTX_ADAPTERS: a comma-separated subset of ADAPTERS to serve.
+Readers below always name the experiment, so they work on either install and either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -17,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from mlflow_ctx_mw.testing import free_port, local_mlflow_server, wait_http
@@ -51,41 +62,108 @@ def _store_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+CONFIG = os.environ.get("MLFLOW_CTX_CONFIG", "code")
+SERVER_PYTHON = os.environ.get("MLFLOW_CTX_SERVER_PYTHON") or sys.executable
+EXPERIMENT = f"tests-{uuid.uuid4().hex[:8]}"
+_state: dict[str, str] = {}
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server` on a SQLite store in a temp dir; tracking URI and experiment point at it."""
+    """`mlflow server` on a SQLite store in a temp dir; the apps' experiment set as CONFIG says."""
     import mlflow
 
-    with _store_dir(tmp_path_factory) as workdir, local_mlflow_server(workdir) as url:
+    with contextlib.ExitStack() as stack:
+        url = os.environ.get("MLFLOW_CTX_TRACKING_URI") or stack.enter_context(
+            local_mlflow_server(stack.enter_context(_store_dir(tmp_path_factory)), python=SERVER_PYTHON)
+        )
+        _state["url"] = url
         os.environ["MLFLOW_TRACKING_URI"] = url
         mlflow.set_tracking_uri(url)
-        mlflow.set_experiment(f"tests-{uuid.uuid4().hex[:8]}")
+        if CONFIG == "env":  # the apps find (and create) it themselves, as in a container
+            os.environ["MLFLOW_EXPERIMENT_NAME"] = EXPERIMENT
+        else:
+            mlflow.set_experiment(EXPERIMENT)
         yield url
         mlflow.flush_trace_async_logging()  # nothing left to send to a server that is going away
 
 
-def find_traces(filter_string: str, expected: int = 1, timeout: float = 30.0) -> list:
-    """Traces matching the filter, polled until `expected` have been exported (or timeout)."""
+def rest(method: str, endpoint: str, **kwargs: object) -> dict:
+    """The tracking server's REST API, for what the lean package's client cannot do."""
+    response = httpx.request(method, f"{_state['url']}/api/2.0/mlflow/{endpoint}", timeout=30, **kwargs)
+    response.raise_for_status()
+    return dict(response.json())
+
+
+def experiment_named(name: str) -> str | None:
+    """An experiment's id by name, or None (asked over REST: no client-side state involved)."""
+    response = httpx.get(
+        f"{_state['url']}/api/2.0/mlflow/experiments/get-by-name",
+        params={"experiment_name": name},
+        timeout=30,
+    )
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    return str(response.json()["experiment"]["experiment_id"])
+
+
+def create_experiment(name: str) -> str:
+    return str(rest("POST", "experiments/create", json={"name": name})["experiment_id"])
+
+
+def experiment_id() -> str:
+    """The suite's experiment. In env mode the first app built creates it (as MLflow would);
+    a test that needs it before any app exists creates it here."""
+    if "experiment_id" not in _state:
+        found = experiment_named(EXPERIMENT)
+        if found is None:
+            try:
+                found = create_experiment(EXPERIMENT)
+            except httpx.HTTPStatusError:  # an app created it meanwhile
+                found = experiment_named(EXPERIMENT)
+        assert found is not None
+        _state["experiment_id"] = found
+    return _state["experiment_id"]
+
+
+def search(filter_string: str | None = None, experiment: str | None = None, **kwargs: object) -> list:
+    """mlflow.search_traces on one experiment, on every supported version (lean or full)."""
+    import inspect
+
     import mlflow
 
+    where = [experiment or experiment_id()]
+    parameters = inspect.signature(mlflow.search_traces).parameters
+    named = "locations" if "locations" in parameters else "experiment_ids"  # before 3.5
+    found = mlflow.search_traces(filter_string=filter_string, return_type="list", **{named: where}, **kwargs)
+    return list(found)
+
+
+def find_traces(filter_string: str, expected: int = 1, timeout: float = 30.0) -> list:
+    """Traces matching the filter, polled until `expected` have been exported (or timeout)."""
     deadline = time.monotonic() + timeout
     found: list = []
     while time.monotonic() < deadline:
-        found = mlflow.search_traces(filter_string=filter_string, return_type="list")
+        found = search(filter_string)
         if len(found) >= expected:
             time.sleep(0.3)  # would a duplicate land too?
-            return list(mlflow.search_traces(filter_string=filter_string, return_type="list"))
+            return search(filter_string)
         time.sleep(0.2)
     return list(found)
 
 
-def get_trace(trace_id: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+def get_trace(trace_id: str, timeout: float = 30.0, *, ours: bool = True):  # type: ignore[no-untyped-def]
+    """The trace once MLflow has all of it. A trace the middleware made (`ours`) always has a
+    client request id: without one, the server holds only its spans so far (MLflow exports spans
+    and the trace's info in separate calls; 3.5-3.11 send spans as they end)."""
     import mlflow
 
     deadline = time.monotonic() + timeout
     while True:
         trace = mlflow.get_trace(trace_id)
-        if trace is not None or time.monotonic() > deadline:
+        complete = trace is not None and (not ours or trace.info.client_request_id is not None)
+        if complete or time.monotonic() > deadline:
             return trace
         time.sleep(0.2)
 
@@ -160,6 +238,8 @@ def _apps() -> dict[str, tuple[Callable[[], object], type]]:
 
 
 ADAPTERS = ["fastapi", "starlette", "flask", "django-wsgi", "django-asgi"]
+if os.environ.get("MLFLOW_CTX_ADAPTERS"):
+    ADAPTERS = [name for name in ADAPTERS if name in os.environ["MLFLOW_CTX_ADAPTERS"].split(",")]
 
 
 @pytest.fixture(scope="session", params=ADAPTERS)

@@ -1,6 +1,7 @@
 """Test apps for real server processes (uvicorn --factory / gunicorn), configured by env:
-MLFLOW_EXPERIMENT_NAME, MLFLOW_CTX_EXPERIMENT_ID (export there, no network call at start-up),
-MLFLOW_CTX_BARE=1 (no middleware)."""
+MLFLOW_EXPERIMENT_NAME (set in code with mlflow.set_experiment, unless MLFLOW_CTX_CONFIG=env:
+then only the environment names it), MLFLOW_CTX_EXPERIMENT_ID (export there, no network call at
+start-up), MLFLOW_CTX_BARE=1 (no middleware)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ EXTRA = (
 )
 if apps.BARE:
     mlflow.tracing.disable()  # the baseline: the same app, not traced at all
-elif not EXTRA and os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+elif not EXTRA and os.environ.get("MLFLOW_EXPERIMENT_NAME") and os.environ.get("MLFLOW_CTX_CONFIG") != "env":
     mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
 
 

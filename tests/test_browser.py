@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from conftest import get_trace
 from mlflow_ctx_mw.testing import free_port, stopping, wait_http
 from test_feedback import assessments
 
@@ -85,7 +86,7 @@ def test_thumbs_from_the_chat_page_land_on_the_trace(
     finally:
         page.close()
 
-    trace = mlflow.get_trace(trace_id)
+    trace = get_trace(trace_id)  # once whole: MLflow stores spans and trace info apart
     assert trace.info.trace_metadata["mlflow.trace.user"] == user
     assert trace.info.trace_metadata.get("mlflow.trace.session")  # the page's session id
     root = next(s for s in trace.data.spans if s.parent_id is None)

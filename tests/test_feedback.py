@@ -10,7 +10,7 @@ import httpx
 import mlflow
 import pytest
 
-from conftest import find_traces, get_trace
+from conftest import experiment_id, find_traces, get_trace
 from mlflow_ctx_mw import _mlflow
 from mlflow_ctx_mw.feedback import FeedbackError, log_feedback
 
@@ -160,7 +160,11 @@ def test_crafted_client_request_id_cannot_change_the_filter(served: tuple[str, s
 def test_helper_waits_for_a_trace_the_exporter_has_not_written_yet(mlflow_server: str) -> None:
     """Feedback that arrives before the trace exists still lands (bounded wait), not 404."""
     root = _mlflow.start_root_span(
-        "GET /slow", metadata={}, tags={}, client_request_id=f"slow-{uuid.uuid4().hex[:8]}"
+        "GET /slow",
+        metadata={},
+        tags={},
+        client_request_id=f"slow-{uuid.uuid4().hex[:8]}",
+        experiment_id=experiment_id(),
     )
     assert root is not None
     span = root.span

@@ -23,7 +23,7 @@ import httpx
 import mlflow
 import pytest
 
-from conftest import find_traces
+from conftest import EXPERIMENT, find_traces
 from mlflow_ctx_mw.export import export_stats
 from mlflow_ctx_mw.testing import free_port, stopping, wait_http
 
@@ -134,10 +134,9 @@ def test_requests_succeed_at_normal_speed_when_mlflow_fails(mode: str, kind: str
 
 @pytest.mark.parametrize("kind", ["fastapi", "flask"])
 def test_sigterm_right_after_a_burst_loses_nothing(kind: str, mlflow_server: str, tmp_path: Path) -> None:
-    experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id())
     # MLflow's default 5 s batch interval: traces are still pending when SIGTERM arrives.
     env = {
-        "MLFLOW_EXPERIMENT_NAME": experiment.name,
+        "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
         "MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS": "5000",
     }
     user = f"burst-{uuid.uuid4().hex[:8]}"

@@ -103,4 +103,4 @@ def test_background_task_runs_after_the_span_ended(served: tuple[str, str]) -> N
     # Traced work after the response is a trace of its own, not lost under the ended request span.
     [after] = find_traces(f"tags.after_response_of = '{user}'")
     assert after.info.trace_id != found.info.trace_id
-    assert [span.name for span in get_trace(after.info.trace_id).data.spans] == ["after_response"]
+    assert [span.name for span in get_trace(after.info.trace_id, ours=False).data.spans] == ["after_response"]

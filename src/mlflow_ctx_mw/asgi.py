@@ -104,7 +104,7 @@ def _is_feedback(options: Options, scope: Scope) -> bool:
     if target is None or scope.get("method") == "OPTIONS":  # CORS preflight: the app's business
         return False
     path = scope.get("path", "")
-    return path == target or path == scope.get("root_path", "") + target
+    return bool(path == target or path == scope.get("root_path", "") + target)
 
 
 async def _feedback(options: Options, scope: Scope, receive: Receive, send: Send) -> None:
@@ -165,13 +165,34 @@ def _view(scope: Scope) -> RequestView:
 
 
 def _route(scope: Scope, root_path: str) -> str | None:
-    """The matched route template (Starlette's router writes it into the shared scope)."""
+    """The matched route template: FastAPI and Starlette >= 1.8 write the route into the shared
+    scope; older Starlette only its endpoint, so its router is asked again (once, at the end)."""
     route = scope.get("route")
+    if route is None and "endpoint" in scope and (router := scope.get("router")) is not None:
+        fresh = {"type": "http", "path": scope.get("path", ""), "root_path": root_path,
+                 "method": scope.get("method", "GET")}  # fmt: skip
+        return _match(router, fresh)
     template = getattr(route, "path", None)
     if not isinstance(template, str):
         return None
     mount = scope.get("root_path", "")[len(root_path) :]
     return f"{mount}{template}"
+
+
+def _match(router: Any, scope: Scope) -> str | None:
+    """The template of the route (through mounts) that fully matches `scope`, as routing did."""
+    for route in getattr(router, "routes", ()):
+        match, child = route.matches(scope)
+        if getattr(match, "name", "") != "FULL":
+            continue
+        template = getattr(route, "path", None)
+        if not isinstance(template, str):
+            return None
+        if getattr(route, "routes", None):  # a Mount: its own routes hold the rest
+            rest = _match(route, {**scope, **child})
+            return f"{template}{rest}" if rest else None
+        return template
+    return None
 
 
 def _add_headers(headers: Any, rs: RequestSpan) -> list[tuple[bytes, bytes]]:

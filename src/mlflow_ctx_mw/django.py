@@ -53,12 +53,12 @@ class MlflowContextMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         if self.options.excluded(request.path_info):
-            return await self.get_response(request)  # type: ignore[no-any-return]
+            return await self.get_response(request)
         if self._is_feedback(request):
             return await sync_to_async(_feedback, thread_sensitive=False)(self.options, request)
         rs = self._open(request)
         if rs is None:
-            return await self.get_response(request)  # type: ignore[no-any-return]
+            return await self.get_response(request)
         with rs:
             response = await self.get_response(request)
         return _respond(rs, request, response)
@@ -119,11 +119,11 @@ def _respond(rs: RequestSpan, request: HttpRequest, response: HttpResponseBase) 
         return response
     # The body is consumed after we return: keep the span current while it is produced and end
     # it when the server closes the response (after the last chunk or a client disconnect).
-    content = response.streaming_content  # type: ignore[attr-defined]
+    content = response.streaming_content
     if getattr(response, "is_async", False):
-        response.streaming_content = _aiter_attached(rs, content)  # type: ignore[attr-defined]
+        response.streaming_content = _aiter_attached(rs, content)
     else:
-        response.streaming_content = _iter_attached(rs, content)  # type: ignore[attr-defined]
+        response.streaming_content = _iter_attached(rs, content)
     response._resource_closers.append(rs.finish)
     return response
 

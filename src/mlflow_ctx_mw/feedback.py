@@ -23,6 +23,7 @@ from mlflow_ctx_mw import _mlflow
 from mlflow_ctx_mw._logonce import log_once
 from mlflow_ctx_mw._recent import RECENT
 from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.destination import app_experiment
 from mlflow_ctx_mw.mapper import (
     MAX_ID_LENGTH,
     MAX_METADATA_LENGTH,
@@ -267,7 +268,7 @@ def handle_feedback(options: Options, user: str | None, body: bytes) -> tuple[in
             rationale=data.get("rationale"),
             metadata=data.get("metadata"),
             kind=data.get("kind", "feedback"),
-            experiment_id=options.experiment_id,
+            experiment_id=app_experiment(options),
             wait_seconds=options.feedback_wait_seconds,
         )
         return 201, {"assessment_id": result.assessment_id, "trace_id": result.trace_id}

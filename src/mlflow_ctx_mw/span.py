@@ -13,7 +13,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from mlflow_ctx_mw import _mlflow
 from mlflow_ctx_mw._logonce import log_once
@@ -79,7 +79,7 @@ class RequestSpan:
         self._path = path
         self._query = ""
         self._root: _mlflow.Root | None = None
-        self._token: object = None
+        self._token: Any = None
         self._current_token: Token[RequestSpan | None] | None = None
         self._done = False
         self._sampled_out = False
@@ -149,7 +149,7 @@ class RequestSpan:
             return
         try:
             if self._sampled_out:
-                _mlflow.unsuppress(token)
+                token()  # suppress() handed back its undo
             else:
                 _mlflow.detach(token)
         except Exception:

@@ -66,14 +66,21 @@ def stopping(proc: subprocess.Popen[bytes], timeout: float = 15) -> Iterator[sub
 
 
 @contextmanager
-def local_mlflow_server(workdir: Path, port: int = 0, *, log: Path | None = None) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 with a SQLite store in `workdir`; yields its URL."""
+def local_mlflow_server(
+    workdir: Path, port: int = 0, *, log: Path | None = None, python: str | None = None
+) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 with a SQLite store in `workdir`; yields its URL.
+
+    `python` is an interpreter with the full `mlflow` package (default: this one); the app's own
+    environment may then hold only the lean `mlflow-tracing`, as in production. Artifacts are
+    served by the server (`mlflow-artifacts:`), so no client needs the server's disk.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port(port)
     command = [
-        sys.executable, "-m", "mlflow", "server",
+        python or sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-        "--default-artifact-root", str(workdir / "artifacts"),
+        "--artifacts-destination", str(workdir / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     with (log or workdir / "mlflow.log").open("ab") as out:

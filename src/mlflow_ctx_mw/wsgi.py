@@ -7,9 +7,9 @@ with the root span re-attached, so @mlflow.trace code inside a generator still n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from werkzeug.datastructures import EnvironHeaders
 
@@ -114,7 +114,7 @@ def _view(environ: Environ) -> RequestView:
         method=environ.get("REQUEST_METHOD", "GET"),
         path=environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
         query_string=environ.get("QUERY_STRING", ""),
-        headers=EnvironHeaders(environ),
+        headers=cast("Mapping[str, str]", EnvironHeaders(environ)),  # a case-insensitive lookup
         native=environ,
     )
 
