@@ -8,6 +8,7 @@ prints what MLflow captured, read back through MLflow's own client.
 from __future__ import annotations
 
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def start_apps(stack: ExitStack, tracking_uri: str, workdir: Path) -> dict[str, 
     if client.get_experiment_by_name(EXPERIMENT) is None:
         client.create_experiment(EXPERIMENT)
     py = sys.executable
+    feedback_secret = os.environ.get("MLFLOW_CTX_FEEDBACK_SECRET") or secrets.token_urlsafe(32)
     specs = {
         # name: (cwd, command, app version)
         "fastapi": (ROOT / "fastapi", [py, "-m", "uvicorn", "app:app"], "1.0.0"),
@@ -68,6 +70,8 @@ def start_apps(stack: ExitStack, tracking_uri: str, workdir: Path) -> dict[str, 
             command = [*command, "--host", "127.0.0.1", "--port", str(port)]
         env = {
             **os.environ,
+            # One secret for the three apps' feedback tokens (each app checks only its own).
+            "MLFLOW_CTX_FEEDBACK_SECRET": feedback_secret,
             "MLFLOW_TRACKING_URI": tracking_uri,
             "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
             "APP_ENVIRONMENT": "demo",
@@ -96,16 +100,19 @@ class Sent:
     feedback: int = 0
 
 
-def rate(client: httpx.Client, url: str, user: str, trace_id: str, turn: int) -> int:
-    """How a user reacts to an answer: thumbs on some turns, 1-5 stars on others (by trace id)."""
+def rate(client: httpx.Client, url: str, user: str, answer: httpx.Response, turn: int) -> int:
+    """How a user reacts to an answer: thumbs on some turns, 1-5 stars on others (by trace id,
+    with the feedback token the answer came with)."""
+    trace_id, token = answer.headers["X-Trace-ID"], answer.headers["X-Feedback-Token"]
     bodies = []
     if turn % 2 == 0:  # thumbs: alice likes everything, the others are harder to please
         bodies.append({"trace_id": trace_id, "name": "user_feedback", "value": user == "alice" or turn == 0})
     if turn == 1:
         bodies.append({"trace_id": trace_id, "name": "stars", "value": 5 if user == "alice" else 3})
     for body in bodies:
-        response = client.post(f"{url}/mlflow/feedback", json=body, headers={"X-User-ID": user})
-        response.raise_for_status()
+        headers = {"X-User-ID": user, "X-Feedback-Token": token}
+        response = client.post(f"{url}/mlflow/feedback", json=body, headers=headers)
+        response.raise_for_status()  # 202: delivered to MLflow in the background
     return len(bodies)
 
 
@@ -130,7 +137,7 @@ def drive(urls: dict[str, str], turns: int = 3) -> Sent:
                     sent.trace_ids.append(response.headers.get("X-Trace-ID", ""))
                     sent.sessions[session].append(headers["X-Request-ID"])
                     if response.status_code == 200:
-                        sent.feedback += rate(client, url, user, response.headers["X-Trace-ID"], turn)
+                        sent.feedback += rate(client, url, user, response, turn)
             headers = {"X-User-ID": "alice", "X-Session-ID": f"{app}-stream-{uuid.uuid4().hex[:6]}"}
             with client.stream(
                 "POST", f"{url}/chat/stream", json={"message": "stream me"}, headers=headers
@@ -142,8 +149,11 @@ def drive(urls: dict[str, str], turns: int = 3) -> Sent:
     return sent
 
 
-def wait_for_traces(experiment_id: str, trace_ids: list[str], since_ms: int, timeout: float = 60) -> list:
-    """This run's traces, once every request the driver made has its finished trace in MLflow."""
+def wait_for_traces(
+    experiment_id: str, trace_ids: list[str], since_ms: int, feedback: int = 0, timeout: float = 60
+) -> list:
+    """This run's traces, once every request the driver made has its finished trace in MLflow,
+    and the `feedback` ratings it sent are on them (they are delivered in the background)."""
     import mlflow
 
     wanted = set(trace_ids)
@@ -156,7 +166,8 @@ def wait_for_traces(experiment_id: str, trace_ids: list[str], since_ms: int, tim
             max_results=5000,
         )
         done = {t.info.trace_id for t in traces if _state(t) in ("OK", "ERROR")}
-        if wanted <= done or time.monotonic() > deadline:
+        rated = sum(len(t.info.assessments) for t in traces)
+        if (wanted <= done and rated >= feedback) or time.monotonic() > deadline:
             return [t for t in traces if t.info.trace_id in done]
         time.sleep(0.5)
 
@@ -224,7 +235,7 @@ def main() -> int:
             f"sent {sent.requests} requests ({sent.errors} failed on purpose) and {sent.feedback} "
             "feedback calls; waiting for the exporter"
         )
-        summarise(wait_for_traces(experiment_id, sent.trace_ids, since_ms), experiment_id)
+        summarise(wait_for_traces(experiment_id, sent.trace_ids, since_ms, sent.feedback), experiment_id)
         print(f"\nBrowse the traces: {tracking_uri}/#/experiments/{experiment_id}/traces")
         print("  filter e.g.  metadata.`mlflow.trace.user` = 'alice'")
         if sys.stdin.isatty() and os.environ.get("DEMO_NO_WAIT") != "1":

@@ -40,7 +40,9 @@ SLOW_CHUNKS = 100
 OPTIONS = {
     "header_tags": {"X-Tenant": "tenant"},
     "header_metadata": {"X-Client-Version": "client_version"},
-    "feedback_wait_seconds": 2.0,
+    "feedback_wait_seconds": 20.0,
+    "feedback_kinds": ["feedback", "expectation"],
+    "feedback_rate_limit": 0,  # the suite posts more than a client would; limits: test_security.py
     "exclude_paths": ["/health", "/static/*"],
 }
 

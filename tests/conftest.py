@@ -43,6 +43,9 @@ ENV_FIELDS = {
 # Read by the middleware once, when it is built: set before any app exists.
 os.environ.update(ENV_FIELDS)
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djproj.settings")
+# Signs the feedback tokens the apps hand out (the default feedback_auth="token" needs one).
+FEEDBACK_SECRET = "tests-feedback-secret-0123456789"
+os.environ.setdefault("MLFLOW_CTX_FEEDBACK_SECRET", FEEDBACK_SECRET)
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 # MLflow's batch span processor waits up to 5 s before exporting; tests read traces back at once.
 os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS", "100")
@@ -74,10 +77,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import mlflow
 
     with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(_store_dir(tmp_path_factory))
         url = os.environ.get("MLFLOW_CTX_TRACKING_URI") or stack.enter_context(
-            local_mlflow_server(stack.enter_context(_store_dir(tmp_path_factory)), python=SERVER_PYTHON)
+            local_mlflow_server(workdir, python=SERVER_PYTHON)
         )
         _state["url"] = url
+        _state["log"] = str(workdir / "mlflow.log")
         os.environ["MLFLOW_TRACKING_URI"] = url
         mlflow.set_tracking_uri(url)
         if CONFIG == "env":  # the apps find (and create) it themselves, as in a container
@@ -248,3 +253,29 @@ def served(request: pytest.FixtureRequest, mlflow_server: str) -> Iterator[tuple
     factory, server = _apps()[request.param]
     with server(factory()) as url:
         yield request.param, url
+
+
+@contextmanager
+def serve(adapter: str, **options: object) -> Iterator[str]:
+    """The test app of `adapter` with these options over apps.OPTIONS, under its real server
+    (Django reads them from settings.MLFLOW_CTX, as a project would)."""
+    import apps
+
+    factory, server = _apps()[adapter]
+    if adapter.startswith("django"):
+        import django
+        from django.test.utils import override_settings
+
+        django.setup(set_prefix=False)  # settings loaded before they are overridden
+
+        with override_settings(MLFLOW_CTX={**apps.OPTIONS, **options}):
+            app = factory()
+    else:
+        app = factory(**options)
+    with server(app) as url:
+        yield url
+
+
+def tracking_server_log() -> str:
+    """What the tracking server logged so far (one line per request it received)."""
+    return Path(_state["log"]).read_text(errors="replace") if "log" in _state else ""

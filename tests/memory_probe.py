@@ -17,7 +17,7 @@ from typing import Any
 
 import mlflow
 
-from mlflow_ctx_mw import _recent, export_stats
+from mlflow_ctx_mw import export_stats
 
 BARE = os.environ.get("MLFLOW_CTX_BARE") == "1"  # the same app without the middleware
 
@@ -132,7 +132,6 @@ def main() -> None:
                 "rss_half_mb": round(at_half, 1),
                 "rss_end_mb": round(rss_mb(), 1),
                 "open_traces_in_mlflow_buffer": len(InMemoryTraceManager.get_instance()._traces),
-                "recent_registry": len(_recent.RECENT),
                 "export": export_stats().__dict__,
             }
         )

@@ -1,10 +1,11 @@
 """Test apps for real server processes (uvicorn --factory / gunicorn), configured by env:
 MLFLOW_EXPERIMENT_NAME (set in code with mlflow.set_experiment, unless MLFLOW_CTX_CONFIG=env:
 then only the environment names it), MLFLOW_CTX_EXPERIMENT_ID (export there, no network call at
-start-up), MLFLOW_CTX_BARE=1 (no middleware)."""
+start-up), MLFLOW_CTX_BARE=1 (no middleware), MLFLOW_CTX_OPTIONS (JSON: more middleware options)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ EXTRA = (
     if os.environ.get("MLFLOW_CTX_EXPERIMENT_ID")
     else {}
 )
+OPTIONS = {**EXTRA, **json.loads(os.environ.get("MLFLOW_CTX_OPTIONS") or "{}")}
 if apps.BARE:
     mlflow.tracing.disable()  # the baseline: the same app, not traced at all
 elif not EXTRA and os.environ.get("MLFLOW_EXPERIMENT_NAME") and os.environ.get("MLFLOW_CTX_CONFIG") != "env":
@@ -27,8 +29,8 @@ elif not EXTRA and os.environ.get("MLFLOW_EXPERIMENT_NAME") and os.environ.get("
 
 
 def fastapi() -> object:
-    return apps.fastapi_app(**EXTRA)
+    return apps.fastapi_app(**OPTIONS)
 
 
 def flask() -> object:
-    return apps.flask_app(**EXTRA)
+    return apps.flask_app(**OPTIONS)

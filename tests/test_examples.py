@@ -32,10 +32,9 @@ def test_example_smoke(example_urls: dict[str, str], app: str) -> None:
     answer = httpx.post(url + "/chat", json={"message": "hello"}, headers={"X-User-ID": "smoke"})
     assert answer.json() == {"answer": "You said: hello"}
     trace_id = answer.headers["X-Trace-ID"]
-    rated = httpx.post(
-        url + "/mlflow/feedback", json={"trace_id": trace_id, "value": True}, headers={"X-User-ID": "smoke"}
-    )
-    assert rated.status_code == 201, rated.text
+    headers = {"X-User-ID": "smoke", "X-Feedback-Token": answer.headers["X-Feedback-Token"]}
+    rated = httpx.post(url + "/mlflow/feedback", json={"trace_id": trace_id, "value": True}, headers=headers)
+    assert rated.status_code == 202, rated.text
     with httpx.stream("POST", url + "/chat/stream", json={"message": "a b c"}) as stream:
         assert stream.headers["X-Trace-ID"].startswith("tr-")
         text = "".join(stream.iter_text())
@@ -48,7 +47,7 @@ def test_demo_summary_matches_mlflow(
     experiment_id = mlflow.get_experiment_by_name(demo.EXPERIMENT).experiment_id
     since_ms = int(time.time() * 1000)
     sent = demo.drive(example_urls, turns=2)
-    traces = demo.wait_for_traces(experiment_id, sent.trace_ids, since_ms)
+    traces = demo.wait_for_traces(experiment_id, sent.trace_ids, since_ms, sent.feedback)
     assert {t.info.trace_id for t in traces} >= set(sent.trace_ids)
     capsys.readouterr()
     demo.summarise(traces, experiment_id)

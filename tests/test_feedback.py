@@ -1,10 +1,16 @@
-"""The built-in feedback endpoint in every adapter and the log_feedback helper, against real MLflow."""
+"""The built-in feedback endpoint in every adapter and the log_feedback helper, against real MLflow.
+
+A client rates the answer it got: with the trace id (or its own request id) and the feedback
+token that came with the response. The endpoint answers 202 once the rating is checked; the
+assessment lands in the background, which the tests wait for through MLflow's client.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 import uuid
+from typing import Any
 
 import httpx
 import mlflow
@@ -15,19 +21,30 @@ from mlflow_ctx_mw import _mlflow
 from mlflow_ctx_mw.feedback import FeedbackError, log_feedback
 
 FEEDBACK = "/mlflow/feedback"
+TOKEN = "X-Feedback-Token"
+UNKNOWN = "tr-" + "0" * 32
 
 
-def served_trace(url: str, **headers: str) -> tuple[str, str, str]:
-    """One app request; returns (trace id, client request id, user)."""
+def served_trace(url: str, path: str = "/items/3", **headers: str) -> tuple[str, str, str, str]:
+    """One app request; returns (trace id, client request id, user, feedback token)."""
     tag = uuid.uuid4().hex[:12]
     sent = {"X-User-ID": f"user-{tag}", "X-Request-ID": f"req-{tag}", **headers}
-    response = httpx.get(url + "/items/3", headers=sent)
+    response = httpx.get(url + path, headers=sent)
     assert response.status_code == 200
-    return response.headers["X-Trace-ID"], sent["X-Request-ID"], sent["X-User-ID"]
+    token = response.headers.get(TOKEN, "")  # none under the "user" and "open" policies
+    exposed = response.headers["Access-Control-Expose-Headers"].lower()
+    assert (TOKEN.lower() in exposed) == bool(token)  # browsers may read it
+    return response.headers["X-Trace-ID"], sent["X-Request-ID"], sent["X-User-ID"], token
 
 
-def assessments(trace_id: str, expected: int) -> list:
-    deadline = time.monotonic() + 20
+def post(url: str, body: Any, token: str | None = None, **headers: str) -> httpx.Response:
+    sent = {**({TOKEN: token} if token else {}), **headers}
+    return httpx.post(url + FEEDBACK, json=body, headers=sent, timeout=30)
+
+
+def assessments(trace_id: str, expected: int, timeout: float = 30) -> list:
+    """The trace's assessments once `expected` are there (delivery is in the background)."""
+    deadline = time.monotonic() + timeout
     while True:
         found = get_trace(trace_id).info.assessments
         if len(found) >= expected or time.monotonic() > deadline:
@@ -40,30 +57,47 @@ VALUES = [True, False, 4, 0.75, "helpful", ["a", 1, True], {"accuracy": 0.9, "to
 
 def test_each_value_kind_lands_right_after_the_response(served: tuple[str, str]) -> None:
     _, url = served
-    trace_id, _, user = served_trace(url)
+    trace_id, _, user, token = served_trace(url)
     for i, value in enumerate(VALUES):
         body = {"trace_id": trace_id, "value": value, "name": f"dim{i}"}
         if i == 0:
             body["rationale"] = "clear and short"
-        response = httpx.post(url + FEEDBACK, json=body, headers={"X-User-ID": user}, timeout=30)
-        assert response.status_code == 201, response.text
+        response = post(url, body, token)
+        assert response.status_code == 202, response.text
         assert response.json()["trace_id"] == trace_id
-        assert response.json()["assessment_id"]
+        assert response.json()["feedback_id"] and response.json()["status"] == "accepted"
     found = assessments(trace_id, len(VALUES))
-    assert [a.name for a in found] == [f"dim{i}" for i in range(len(VALUES))]
-    assert [a.value for a in found] == VALUES
-    assert found[0].rationale == "clear and short"
+    assert sorted(a.name for a in found) == [f"dim{i}" for i in range(len(VALUES))]
+    assert [a.value for a in sorted(found, key=lambda a: a.name)] == VALUES
+    assert next(a for a in found if a.name == "dim0").rationale == "clear and short"
+    # The source is the trace's user, as the token says.
     assert {(a.source.source_type, a.source.source_id) for a in found} == {("HUMAN", user)}
+
+
+def test_a_changed_rating_updates_the_first(served: tuple[str, str]) -> None:
+    """One assessment per (trace, user, name): a changed thumbs is an update, not a second vote."""
+    _, url = served
+    trace_id, _, _, token = served_trace(url)
+    assert post(url, {"trace_id": trace_id, "value": True, "rationale": "good"}, token).status_code == 202
+    [first] = assessments(trace_id, 1)
+    changed = {"trace_id": trace_id, "value": False, "rationale": "wrong after all"}
+    assert post(url, changed, token).status_code == 202
+    deadline = time.monotonic() + 30
+    while (found := get_trace(trace_id).info.assessments)[0].value is not False:
+        assert time.monotonic() < deadline, found
+        time.sleep(0.2)
+    assert [(a.assessment_id, a.value, a.rationale) for a in found] == [
+        (first.assessment_id, False, "wrong after all")
+    ]
 
 
 def test_expectation_by_client_request_id(served: tuple[str, str]) -> None:
     _, url = served
-    trace_id, request_id, user = served_trace(url)
-    find_traces(f"attributes.client_request_id = '{request_id}'")
+    trace_id, request_id, user, token = served_trace(url)
     body = {"client_request_id": request_id, "kind": "expectation", "name": "expected_answer", "value": "42"}
-    response = httpx.post(url + FEEDBACK, json=body, headers={"X-User-ID": user}, timeout=30)
-    assert response.status_code == 201, response.text
-    assert response.json()["trace_id"] == trace_id
+    response = post(url, body, token)
+    assert response.status_code == 202, response.text
+    assert response.json()["trace_id"] == trace_id  # the token names it
     [found] = assessments(trace_id, 1)
     assert found.expectation is not None and found.value == "42"
     assert (found.source.source_type, found.source.source_id) == ("HUMAN", user)
@@ -72,45 +106,73 @@ def test_expectation_by_client_request_id(served: tuple[str, str]) -> None:
 def test_feedback_endpoint_is_not_traced(served: tuple[str, str]) -> None:
     _, url = served
     user = f"user-{uuid.uuid4().hex[:12]}"
-    response = httpx.post(
-        url + FEEDBACK, json={"trace_id": "tr-" + "0" * 32, "value": 1}, headers={"X-User-ID": user}
-    )
-    assert "X-Trace-ID" not in response.headers
+    response = post(url, {"trace_id": UNKNOWN, "value": 1}, **{"X-User-ID": user})
+    assert "X-Trace-ID" not in response.headers and TOKEN not in response.headers
     mlflow.flush_trace_async_logging()
     assert find_traces(f"metadata.`mlflow.trace.user` = '{user}'", timeout=1) == []
 
 
-def test_unknown_trace_is_404(served: tuple[str, str]) -> None:
+def test_no_token_is_401_and_another_traces_token_is_403(served: tuple[str, str]) -> None:
     _, url = served
-    for body in (
-        {"trace_id": "tr-" + "0" * 32, "value": True},
-        {"client_request_id": "never-sent", "value": 1},
-    ):
-        response = httpx.post(url + FEEDBACK, json=body, timeout=30)
-        assert response.status_code == 404
-        assert response.headers["Content-Type"].startswith("application/json")
-        assert "error" in response.json()
+    trace_id, _, _, token = served_trace(url)
+    other, other_request, _, _ = served_trace(url)
+    for body, sent, status in [
+        ({"trace_id": trace_id, "value": True}, None, 401),
+        ({"trace_id": trace_id, "value": True}, "not.a-token", 401),
+        (
+            {"trace_id": trace_id, "value": True},
+            token[:-2] + ("AA" if not token.endswith("AA") else "BB"),
+            401,
+        ),
+        ({"trace_id": other, "value": True}, token, 403),
+        ({"client_request_id": other_request, "value": True}, token, 403),
+        ({"trace_id": UNKNOWN, "value": True}, token, 403),
+    ]:
+        response = post(url, body, sent)
+        assert response.status_code == status, (body, response.text)
+        assert response.headers["Content-Type"].startswith("application/json") and "error" in response.json()
+    assert get_trace(other).info.assessments == [] and get_trace(trace_id).info.assessments == []
+
+
+VALID = "tr-" + "a" * 32
+
+
+def on_a_valid_id(rest: str) -> bytes:
+    """A body with a well-formed trace id and `rest` (JSON members) after it."""
+    return ('{"trace_id": "' + VALID + '", ' + rest + "}").encode()
 
 
 MALFORMED = [
     (b"{not json", 400, None),
+    (b"[" * 20_000 + b"]" * 20_000, 400, None),  # deeper than the JSON parser recurses
     (b"[1, 2]", 422, "body"),
     (b'{"value": 1}', 422, "trace_id"),
-    (b'{"trace_id": "tr-1", "client_request_id": "r", "value": 1}', 422, "trace_id"),
-    (b'{"trace_id": "tr-1"}', 422, "value"),
-    (b'{"trace_id": "tr-1", "value": null}', 422, "value"),
-    (b'{"trace_id": "tr-1", "value": {"nested": {"x": 1}}}', 422, "value"),
-    (b'{"trace_id": "tr-1", "value": [[1]]}', 422, "value"),
-    (b'{"trace_id": "tr-1", "value": NaN}', 422, "value"),
-    (b'{"trace_id": "tr-1", "value": 1, "name": 5}', 422, "name"),
-    (b'{"trace_id": "tr-1", "value": 1, "name": ""}', 422, "name"),
-    (b'{"trace_id": "tr-1", "value": 1, "rationale": ["x"]}', 422, "rationale"),
-    (b'{"trace_id": "tr-1", "value": 1, "metadata": {"a": {"b": 1}}}', 422, "metadata"),
-    (b'{"trace_id": "tr-1", "value": 1, "kind": "opinion"}', 422, "kind"),
-    (b'{"trace_id": "tr-1", "value": 1, "kind": "expectation", "rationale": "r"}', 422, "rationale"),
-    (b'{"trace_id": "tr-1", "value": 1, "colour": "red"}', 422, "colour"),
+    (on_a_valid_id('"client_request_id": "r", "value": 1'), 422, "trace_id"),
+    (b'{"trace_id": "%s"}' % VALID.encode(), 422, "value"),
+    *[
+        (on_a_valid_id(rest), 422, field)
+        for rest, field in [
+            ('"value": null', "value"),
+            ('"value": {"nested": {"x": 1}}', "value"),
+            ('"value": [[1]]', "value"),
+            ('"value": NaN', "value"),
+            ('"value": "\\ud800"', "value"),  # a lone surrogate
+            ('"value": ' + "9" * 401, "value"),
+            ('"value": 1, "name": 5', "name"),
+            ('"value": 1, "name": ""', "name"),
+            ('"value": 1, "name": "a\\nb"', "name"),
+            ('"value": 1, "rationale": ["x"]', "rationale"),
+            ('"value": 1, "metadata": {"a": {"b": 1}}', "metadata"),
+            ('"value": 1, "kind": "opinion"', "kind"),
+            ('"value": 1, "kind": "expectation", "rationale": "r"', "rationale"),
+            ('"value": 1, "colour": "red"', "colour"),
+        ]
+    ],
     (b'{"trace_id": 7, "value": 1}', 422, "trace_id"),
     (b'{"trace_id": "tr 1", "value": 1}', 422, "trace_id"),
+    (b'{"trace_id": "tr-1", "value": 1}', 422, "trace_id"),
+    (b'{"trace_id": "x/../../../../2.0/mlflow/runs/search?", "value": 1}', 422, "trace_id"),
+    (b'{"trace_id": "TR-%s", "value": 1}' % (b"A" * 32), 422, "trace_id"),
 ]
 
 
@@ -149,10 +211,9 @@ def test_oversized_body_is_413_and_other_methods_405(served: tuple[str, str]) ->
 )
 def test_crafted_client_request_id_cannot_change_the_filter(served: tuple[str, str], crafted: str) -> None:
     _, url = served
-    victim, request_id, _ = served_trace(url)
-    find_traces(f"attributes.client_request_id = '{request_id}'")
-    response = httpx.post(url + FEEDBACK, json={"client_request_id": crafted, "value": False}, timeout=30)
-    assert response.status_code in (404, 422), response.text
+    victim, _, _, token = served_trace(url)
+    response = post(url, {"client_request_id": crafted, "value": False}, token)
+    assert response.status_code == 422, response.text
     assert response.json()["field"] == "client_request_id"
     assert get_trace(victim).info.assessments == []
 
@@ -177,31 +238,33 @@ def test_helper_waits_for_a_trace_the_exporter_has_not_written_yet(mlflow_server
     assert result.trace_id == span.trace_id
     [found] = assessments(span.trace_id, 1)
     assert (found.name, found.value, found.source.source_id) == ("stars", 5, "rater")
+    again = log_feedback(trace_id=span.trace_id, value=3, name="stars", user="rater")
+    assert again.assessment_id == result.assessment_id  # updated, not a second rating
 
 
 def test_helper_validates_like_the_endpoint(mlflow_server: str) -> None:
     with pytest.raises(FeedbackError) as caught:
-        log_feedback(trace_id="tr-1", client_request_id="r", value=1)
+        log_feedback(trace_id=VALID, client_request_id="r", value=1)
+    assert (caught.value.status, caught.value.field) == (422, "trace_id")
+    with pytest.raises(FeedbackError) as caught:
+        log_feedback(trace_id="x/../../2.0/mlflow/runs/search?", value=1)
     assert (caught.value.status, caught.value.field) == (422, "trace_id")
     with pytest.raises(FeedbackError) as caught:
         log_feedback(trace_id="tr-" + "f" * 32, value=1, wait_seconds=0)
     assert caught.value.status == 404
 
 
-def test_tracking_server_down_is_503(monkeypatch: pytest.MonkeyPatch, mlflow_server: str) -> None:
-    """MLflow unreachable (closed port): a JSON 503, not a hang or a stack trace."""
+def test_helper_says_503_when_the_tracking_server_is_down(
+    monkeypatch: pytest.MonkeyPatch, mlflow_server: str
+) -> None:
+    """MLflow unreachable (closed port): 503, not a hang or a stack trace."""
     from conftest import free_port
-    from mlflow_ctx_mw import Options, RequestView
-    from mlflow_ctx_mw.feedback import feedback_response
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")
     try:
-        status, _, body = feedback_response(
-            Options(feedback_wait_seconds=0.5),
-            RequestView("POST", "/mlflow/feedback", "", {}),
-            b'{"trace_id": "tr-' + b"a" * 32 + b'", "value": 1}',
-        )
+        with pytest.raises(FeedbackError) as caught:
+            log_feedback(trace_id="tr-" + "a" * 32, value=1, wait_seconds=0.5)
     finally:
         mlflow.set_tracking_uri(mlflow_server)
-    assert status == 503 and b"unavailable" in body
+    assert caught.value.status == 503 and "unavailable" in caught.value.message

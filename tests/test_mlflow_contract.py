@@ -166,6 +166,7 @@ PRIVATE = [
     ("mlflow.entities.span", "NO_OP_SPAN_TRACE_ID", "a span MLflow did not record"),
     ("mlflow.tracking.fluent", "_active_experiment_id", "has the app set an experiment?"),
     ("mlflow.tracking.default_experiment", "registry.get_experiment_id", "the default, asked once"),
+    ("mlflow.tracing.client", "TracingClient.get_trace", "a stored trace, or not yet (feedback)"),
 ]
 
 

@@ -32,16 +32,19 @@ TESTS = Path(__file__).resolve().parent
 
 @contextmanager
 def app_process(
-    kind: str, tmp_path: Path, env: dict[str, str], *, bare: bool = False, name: str = "app"
+    kind: str, tmp_path: Path, env: dict[str, str], *, bare: bool = False, name: str = "app", workers: int = 0
 ) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    """tests/served.py under uvicorn (kind "fastapi") or gunicorn (kind "flask")."""
+    """tests/served.py under uvicorn (kind "fastapi") or gunicorn (kind "flask": one worker with
+    8 threads, or `workers` sync workers)."""
     port = free_port()
     if kind == "fastapi":
         command = [sys.executable, "-m", "uvicorn", "--factory", "served:fastapi", "--port", str(port)]
     else:
-        command = [sys.executable, "-m", "gunicorn", "-w", "1", "--threads", "8", "-b", f"127.0.0.1:{port}",
+        concurrency = ["-w", str(workers)] if workers else ["-w", "1", "--threads", "8"]
+        command = [sys.executable, "-m", "gunicorn", *concurrency, "-b", f"127.0.0.1:{port}",
                    "--graceful-timeout", "20", "served:flask()"]  # fmt: skip
-    full_env = {**os.environ, **env, "MLFLOW_CTX_BARE": "1" if bare else "0", "PYTHONPATH": str(TESTS)}
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    full_env = {**os.environ, **env, "MLFLOW_CTX_BARE": "1" if bare else "0", "PYTHONPATH": path}
     log = tmp_path / f"{name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=TESTS, env=full_env, stdout=out, stderr=subprocess.STDOUT)

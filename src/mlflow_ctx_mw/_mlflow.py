@@ -371,12 +371,38 @@ def adopt_experiment(fallback: str) -> str | None:
     return str(mlflow.set_experiment(experiment_id=experiment_id).experiment_id)
 
 
-def find_traces_by_client_request_id(client_request_id: str, experiment_id: str | None) -> list[str]:
-    """Up to two trace ids with this client request id (the caller validated it as filter-safe)."""
-    if "'" in client_request_id or "\\" in client_request_id:
-        raise ValueError("client_request_id is not filter-safe")
+def stored_trace(trace_id: str) -> Any:
+    """The trace as the tracking server holds it, or None until all of it is stored (MLflow
+    answers RESOURCE_DOES_NOT_EXIST for a trace not exported yet, or exported in part).
+    Other failures (server down) raise. `mlflow.get_trace` would say None to both, with a
+    warning each time."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracing.client import TracingClient
+
+    try:
+        return TracingClient().get_trace(trace_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def traces_by_client_request_id(
+    client_request_id: str, experiment_id: str | None, user: str | None
+) -> list[str]:
+    """Up to two ids of traces with this client request id (and user, when given).
+
+    The caller validated both as filter-safe (no quotes, backticks, backslashes or spaces; MLflow
+    filter strings have no escapes); checked again here, as this is where they meet the filter.
+    """
+    clauses = [("attributes.client_request_id", client_request_id)]
+    if user is not None:
+        clauses.append(("metadata.`mlflow.trace.user`", user))
+    for _, value in clauses:
+        if not value or any(char in value for char in "'\"`\\ "):
+            raise ValueError("not a filter-safe value")
     traces = mlflow.search_traces(
-        filter_string=f"attributes.client_request_id = '{client_request_id}'",
+        filter_string=" AND ".join(f"{key} = '{value}'" for key, value in clauses),
         max_results=2,
         include_spans=False,
         return_type="list",
@@ -385,41 +411,44 @@ def find_traces_by_client_request_id(client_request_id: str, experiment_id: str 
     return [trace.info.trace_id for trace in traces]
 
 
-def log_assessment(
-    kind: str,
-    *,
+def own_assessment(info: Any, name: str, source_id: str) -> str | None:
+    """The id of the valid HUMAN assessment this source gave under this name, if any."""
+    for assessment in info.assessments or ():
+        source = assessment.source
+        if (
+            assessment.name == name
+            and source is not None
+            and source.source_type == "HUMAN"
+            and source.source_id == source_id
+            and getattr(assessment, "valid", True) is not False
+        ):
+            return str(assessment.assessment_id)
+    return None
+
+
+def write_assessment(
     trace_id: str,
+    existing_id: str | None,
+    *,
+    kind: str,
     name: str,
     value: Any,
     source_id: str,
     rationale: str | None,
     metadata: dict[str, Any] | None,
-) -> str | None:
-    """Log feedback or an expectation with a HUMAN source; None if the trace does not exist (yet)."""
-    from mlflow.entities import AssessmentSource
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+) -> str:
+    """Log feedback or an expectation with a HUMAN source, or update the one given before."""
+    from mlflow.entities import AssessmentSource, Expectation, Feedback
 
     source = AssessmentSource(source_type="HUMAN", source_id=source_id)
-    try:
-        if kind == "expectation":
-            assessment = mlflow.log_expectation(
-                trace_id=trace_id, name=name, value=value, source=source, metadata=metadata
-            )
-        else:
-            assessment = mlflow.log_feedback(
-                trace_id=trace_id,
-                name=name,
-                value=value,
-                source=source,
-                rationale=rationale,
-                metadata=metadata,
-            )
-    except MlflowException as exc:
-        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            return None
-        raise
-    return str(assessment.assessment_id)
+    assessment: Any
+    if kind == "expectation":
+        assessment = Expectation(name=name, value=value, source=source, metadata=metadata)
+    else:
+        assessment = Feedback(name=name, value=value, source=source, rationale=rationale, metadata=metadata)
+    if existing_id is not None:
+        return str(mlflow.update_assessment(trace_id, existing_id, assessment).assessment_id)
+    return str(mlflow.log_assessment(trace_id, assessment).assessment_id)
 
 
 def flush_export() -> None:
@@ -520,8 +549,12 @@ def traceparent(span: LiveSpan) -> str:
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
 
 
-def set_trace_metadata(span: LiveSpan, metadata: dict[str, str]) -> None:
-    """Add metadata to a live trace (it is still in memory, not yet exported)."""
+def set_trace_metadata(span: LiveSpan, metadata: dict[str, str | None]) -> None:
+    """Set (None: remove) metadata of a live trace (still in memory, not yet exported)."""
     with InMemoryTraceManager.get_instance().get_trace(span.trace_id) as trace:
         if trace is not None:
-            trace.info.trace_metadata.update(metadata)
+            for key, value in metadata.items():
+                if value is None:
+                    trace.info.trace_metadata.pop(key, None)
+                else:
+                    trace.info.trace_metadata[key] = value

@@ -14,9 +14,10 @@ from typing import Any
 
 from mlflow_ctx_mw.config import Options
 from mlflow_ctx_mw.destination import configure_destination, flush_pending
-from mlflow_ctx_mw.feedback import declared_too_large, feedback_response
-from mlflow_ctx_mw.mapper import RequestView
+from mlflow_ctx_mw.feedback import FeedbackEndpoint, FeedbackRequest, is_endpoint
+from mlflow_ctx_mw.mapper import RequestView, resolve_user
 from mlflow_ctx_mw.span import RequestSpan
+from mlflow_ctx_mw.users import name_of
 
 __all__ = ["MlflowContextMiddleware"]
 
@@ -41,6 +42,7 @@ class MlflowContextMiddleware:
     def __init__(self, app: ASGIApp, options: Options | None = None, **kwargs: Any) -> None:
         self.app = app
         self.options = Options.build(options, **kwargs)
+        self.feedback = FeedbackEndpoint(self.options)
         configure_destination(self.options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -54,8 +56,7 @@ class MlflowContextMiddleware:
             await self.app(scope, receive, send)
             return
         _wrap_error_middleware(scope)
-        if _is_feedback(self.options, scope):
-            await _feedback(self.options, scope, receive, send)
+        if _is_feedback(self.options, scope) and await self._feedback(scope, receive, send):
             return
         rs = RequestSpan.open(self.options, _view, scope)
         if rs is None:
@@ -68,6 +69,8 @@ class MlflowContextMiddleware:
             kind = message["type"]
             if kind == "http.response.start":
                 rs.status_code = message["status"]
+                if "user" in scope and rs.options.user_resolver is None:  # auth inside ours ran
+                    rs.learn_user(name_of(scope["user"]))
                 message = {**message, "headers": _add_headers(message.get("headers", ()), rs)}
             last = kind in _FINAL or (kind == "http.response.body" and not message.get("more_body"))
             if last:
@@ -98,37 +101,46 @@ class MlflowContextMiddleware:
 
         return send_after_flush
 
+    async def _feedback(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """The built-in endpoint (no MLflow call: the rating is delivered in the background).
+        False: not ours to answer (a CORS preflight the app has not asked us to answer)."""
+        options = self.options
+        view = _view(scope)
+        body: bytes | None = b""
+        if view.method == "POST":
+            body = await _read_body(receive, options.feedback_max_bytes, view.headers.get("content-length"))
+        request = FeedbackRequest(view.method, view.headers, body, view.client, resolve_user(options, view))
+        answer = self.feedback.answer(request)
+        if answer is None:
+            return False
+        status, headers, payload = answer
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        if status != 204:
+            raw.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": payload})
+        return True
+
 
 def _is_feedback(options: Options, scope: Scope) -> bool:
+    """The endpoint's path, exactly as the client sent it (not %2F-encoded, no doubled slash)."""
     target = options.feedback_path
-    if target is None or scope.get("method") == "OPTIONS":  # CORS preflight: the app's business
+    if target is None:
         return False
     path = scope.get("path", "")
-    return bool(path == target or path == scope.get("root_path", "") + target)
+    if path != target and path != scope.get("root_path", "") + target:
+        return False
+    raw = scope.get("raw_path")
+    return is_endpoint(raw.decode("latin-1") if isinstance(raw, bytes) else None, path)
 
 
-async def _feedback(options: Options, scope: Scope, receive: Receive, send: Send) -> None:
-    """The built-in feedback endpoint; MLflow's blocking HTTP calls run off the event loop."""
-    view = _view(scope)
-    method = view.method
-    body: bytes | None = b""
-    if method == "POST":
-        body = None
-        if not declared_too_large(options, view.headers.get("content-length")):
-            body = await _read_body(receive, options.feedback_max_bytes)
-    if method == "POST" and body is not None:
-        loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(None, feedback_response, options, view, body)
-    else:
-        answer = feedback_response(options, view, body)
-    status, headers, payload = answer
-    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-    raw.append((b"content-length", str(len(payload)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
+async def _read_body(receive: Receive, limit: int, content_length: str | None) -> bytes | None:
+    """The request body, or None as soon as it is over `limit` (declared or read)."""
+    try:
+        if content_length is not None and int(content_length) > limit:
+            return None
+    except ValueError:
+        pass
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -155,12 +167,14 @@ def _view(scope: Scope) -> RequestView:
             name = raw_name.decode("latin-1").lower()
             value = raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    client = scope.get("client")
     return RequestView(
         method=scope.get("method", "GET"),
         path=scope.get("path", ""),
         query_string=scope.get("query_string", b"").decode("latin-1"),
         headers=headers,
         native=scope,
+        client=client[0] if client else None,
     )
 
 
@@ -216,6 +230,8 @@ def _add_headers(headers: Any, rs: RequestSpan) -> list[tuple[bytes, bytes]]:
         raw.append((_EXPOSE, exposed))
     if trace_id is not None:
         raw.append((options.response_header_keys[0], trace_id.encode("latin-1")))
+        if (token := rs.feedback_token()) is not None:
+            raw.append((options.response_header_keys[2], token.encode("ascii")))
     if options.echo_request_id:
         raw.append((options.response_header_keys[1], rs.context.request_id.encode("latin-1")))
     return raw

@@ -14,10 +14,18 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from mlflow_ctx_mw.security import (
+    DEFAULT_REDACTED_PARAMS,
+    FeedbackTokens,
+    Network,
+    is_credential_header,
+    parse_networks,
+)
+
 if TYPE_CHECKING:
     from mlflow_ctx_mw.mapper import RequestView
 
-__all__ = ["DEFAULT_ENV_METADATA", "SENSITIVE_HEADERS", "Options", "OptionsError"]
+__all__ = ["DEFAULT_ENV_METADATA", "FEEDBACK_SECRET_ENV", "Options", "OptionsError"]
 
 #: Environment variable -> trace metadata key, read once at start-up, written only when set.
 DEFAULT_ENV_METADATA: Mapping[str, str] = MappingProxyType(
@@ -29,14 +37,27 @@ DEFAULT_ENV_METADATA: Mapping[str, str] = MappingProxyType(
     }
 )
 
-#: Headers that carry credentials: they may never be mapped into a trace.
-SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
+#: Where the secret that signs feedback tokens comes from when the code does not pass one.
+FEEDBACK_SECRET_ENV = "MLFLOW_CTX_FEEDBACK_SECRET"
+MIN_SECRET_LENGTH = 16
+FEEDBACK_POLICIES = ("token", "user", "open")
+
+# Response headers the HTTP stack owns: ours may not be named like one (the answer would break).
+_RESERVED_RESPONSE = frozenset(
+    {"age", "allow", "alt-svc", "cache-control", "connection", "cookie", "date", "etag", "expires",
+     "host", "keep-alive", "last-modified", "link", "location", "pragma", "refresh", "retry-after",
+     "server", "set-cookie", "strict-transport-security", "te", "trailer", "transfer-encoding",
+     "upgrade", "vary", "via", "www-authenticate", "x-content-type-options", "x-frame-options"}
+)  # fmt: skip
+_RESERVED_PREFIXES = ("content-", "access-control-", "proxy-", "sec-")
 
 # RFC 9110 token: what a header field name may be.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 RequestHook = Callable[["RequestView"], "Mapping[str, Mapping[str, str]] | None"]
 UserResolver = Callable[["RequestView"], "str | None"]
+#: redact(field, value) -> the value to record, or None to record nothing.
+Redactor = Callable[[str, str], "str | None"]
 
 
 class OptionsError(ValueError):
@@ -49,6 +70,23 @@ def _header_name(option: str, value: object) -> str:
     return value
 
 
+def _recorded_header(option: str, value: object) -> str:
+    """A request header whose value goes into traces: never one that carries credentials."""
+    name = _header_name(option, value)
+    if is_credential_header(name):
+        raise OptionsError(f"{option}: {name!r} carries credentials and is never recorded")
+    return name
+
+
+def _response_header(option: str, value: object) -> str:
+    """A header the middleware adds to responses: never one the HTTP stack owns."""
+    name = _header_name(option, value)
+    lower = name.lower()
+    if lower in _RESERVED_RESPONSE or lower.startswith(_RESERVED_PREFIXES):
+        raise OptionsError(f"{option}: {name!r} is a standard HTTP header; name ours like X-Trace-ID")
+    return name
+
+
 def _str_map(option: str, value: object, *, headers: str = "") -> Mapping[str, str]:
     """Validate a str->str mapping; `headers` names the side that holds header names."""
     if not isinstance(value, Mapping):
@@ -58,10 +96,7 @@ def _str_map(option: str, value: object, *, headers: str = "") -> Mapping[str, s
         if not isinstance(key, str) or not key or not isinstance(val, str) or not val:
             raise OptionsError(f"{option}: keys and values must be non-empty strings, got {key!r}: {val!r}")
         if headers == "key":
-            _header_name(option, key)
-            if key.lower() in SENSITIVE_HEADERS:
-                raise OptionsError(f"{option}: {key!r} carries credentials and is never recorded")
-            key = key.lower()
+            key = _recorded_header(option, key).lower()
         out[key] = val
     return MappingProxyType(out)
 
@@ -94,8 +129,24 @@ class Options:
     #: The built-in feedback endpoint (POST, JSON); None turns it off.
     feedback_path: str | None = "/mlflow/feedback"
     feedback_max_bytes: int = 64 * 1024
-    #: How long feedback waits for a trace the async exporter has not written yet.
-    feedback_wait_seconds: float = 10.0
+    #: How long an accepted rating waits (in the background) for its trace to be stored.
+    feedback_wait_seconds: float = 60.0
+    #: Who may rate a trace: "token" (the X-Feedback-Token handed out with its response),
+    #: "user" (the app's authenticated user, on that user's traces), "open" (anyone: trusted
+    #: clients only).
+    feedback_auth: str = "token"
+    #: Signs feedback tokens (or several: the first signs, all verify). Default: the
+    #: MLFLOW_CTX_FEEDBACK_SECRET variable, else Django's SECRET_KEY / Flask's secret_key.
+    feedback_secret: str | Sequence[str] | None = None
+    feedback_token_header: str = "X-Feedback-Token"
+    #: How long a feedback token is valid (seconds).
+    feedback_token_ttl: float = 3 * 3600.0
+    #: What clients may send: "feedback", and "expectation" (ground truth) only when listed.
+    feedback_kinds: Sequence[str] = ("feedback",)
+    #: Feedback requests per client per minute (0: no limit).
+    feedback_rate_limit: int = 60
+    #: Origins whose browsers may post feedback cross-site; their CORS preflights are answered.
+    feedback_cors_origins: Sequence[str] = ()
     #: Paths served untraced (no span, no X-Trace-ID): "/health" exact, "/static/*" prefix,
     #: "^/v[0-9]+/ping$" a regular expression (re.match).
     exclude_paths: Sequence[str] = ()
@@ -106,10 +157,17 @@ class Options:
     #: The request's user id. None: the framework's authenticated user (Django request.user,
     #: Starlette scope["user"], Flask-Login), else the user header if trusted.
     user_resolver: UserResolver | None = None
-    #: May the X-User-ID header name the user when no authenticated user exists?
-    trust_user_header: bool = True
-    #: Link this request's trace to a caller's W3C `traceparent` (turn off for public endpoints).
-    accept_traceparent: bool = True
+    #: May the X-User-ID header name the user? None (auto): only in an app with no
+    #: authentication the middleware can see; True: when nobody is logged in; False: never.
+    trust_user_header: bool | None = None
+    #: Link this request's trace to a caller's W3C `traceparent`: False (default: anyone can
+    #: send one), True, or the networks of trusted callers ("10.0.0.0/8", "127.0.0.1").
+    accept_traceparent: bool | Sequence[str] = False
+    #: Query parameters whose values are recorded as REDACTED (compared without case).
+    redact_query_params: Sequence[str] = DEFAULT_REDACTED_PARAMS
+    #: redact(field, value) -> value or None, for every recorded field (metadata, tags, url.path,
+    #: url.query); its failure drops the value.
+    redact: Redactor | None = None
 
     # Derived once at start-up.
     env_values: Mapping[str, str] = field(init=False, repr=False, compare=False)
@@ -120,10 +178,14 @@ class Options:
     response_header_names: frozenset[bytes] = field(init=False, repr=False, compare=False)
     #: Lower-case request header names, as mappings of headers are keyed.
     request_keys: tuple[str, str, str] = field(init=False, repr=False, compare=False)
-    #: The trace id and request id response header names as ASGI bytes (lower case).
-    response_header_keys: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
+    #: The trace id, request id and feedback token response header names as ASGI bytes.
+    response_header_keys: tuple[bytes, bytes, bytes] = field(init=False, repr=False, compare=False)
     #: Access-Control-Expose-Headers value as ASGI bytes: [without, with] a trace id header.
     expose_values: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
+    #: Signs and checks feedback tokens (token policy with the endpoint on; else None).
+    feedback_tokens: FeedbackTokens | None = field(init=False, repr=False, compare=False)
+    traceparent_peers: tuple[Network, ...] = field(init=False, repr=False, compare=False)
+    redacted_params: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def excluded(self, path: str) -> bool:
         """Whether `path` is served untraced (cheap: a set lookup when nothing else is set)."""
@@ -134,14 +196,23 @@ class Options:
         )
 
     def __post_init__(self) -> None:
-        for name in ("request_id_header", "session_id_header", "user_id_header", "trace_id_header"):
-            value = _header_name(name, getattr(self, name))
-            if value.lower() in SENSITIVE_HEADERS:
-                raise OptionsError(f"{name}: {value!r} carries credentials and is never recorded")
-        for name in ("echo_request_id", "expose_headers", "trust_user_header", "accept_traceparent"):
+        for name in ("request_id_header", "session_id_header", "user_id_header"):
+            _recorded_header(name, getattr(self, name))
+        ours = [self.trace_id_header, self.feedback_token_header]
+        ours += [self.request_id_header] if self.echo_request_id else []
+        _response_header("trace_id_header", self.trace_id_header)
+        _response_header("feedback_token_header", self.feedback_token_header)
+        if self.echo_request_id:
+            _response_header("request_id_header", self.request_id_header)
+        if len({name.lower() for name in ours}) < len(ours):
+            raise OptionsError(f"response headers must differ: {', '.join(ours)}")
+        for name in ("echo_request_id", "expose_headers"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"{name}: expected a bool, got {getattr(self, name)!r}")
-        for name in ("request_hook", "user_resolver"):
+        if not (self.trust_user_header is None or isinstance(self.trust_user_header, bool)):
+            trust = self.trust_user_header
+            raise OptionsError(f"trust_user_header: expected None (auto), True or False, got {trust!r}")
+        for name in ("request_hook", "user_resolver", "redact"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise OptionsError(f"{name}: expected a callable, got {getattr(self, name)!r}")
         if self.experiment_id is not None and (
@@ -163,8 +234,8 @@ class Options:
                 f"feedback_max_bytes: expected a positive int, got {self.feedback_max_bytes!r}"
             )
         wait = self.feedback_wait_seconds
-        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 120:
-            raise OptionsError(f"feedback_wait_seconds: expected 0-120 seconds, got {wait!r}")
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 3600:
+            raise OptionsError(f"feedback_wait_seconds: expected 0-3600 seconds, got {wait!r}")
         flush = self.shutdown_flush_seconds
         if isinstance(flush, bool) or not isinstance(flush, int | float) or not 0 <= flush <= 600:
             raise OptionsError(f"shutdown_flush_seconds: expected 0-600 seconds, got {flush!r}")
@@ -172,6 +243,12 @@ class Options:
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
             raise OptionsError(f"sample_ratio: expected a number from 0 to 1, got {ratio!r}")
         set_ = object.__setattr__
+        self._feedback_policy(set_)
+        set_(self, "traceparent_peers", self._peers())
+        params = self.redact_query_params
+        if isinstance(params, str) or not all(isinstance(p, str) and p for p in params):
+            raise OptionsError(f"redact_query_params: expected a list of parameter names, got {params!r}")
+        set_(self, "redacted_params", frozenset(p.lower() for p in params))
         set_(self, "exclude_paths", tuple(self._exclusions()))
         set_(self, "env_metadata", _str_map("env_metadata", self.env_metadata))
         set_(self, "header_metadata", _str_map("header_metadata", self.header_metadata, headers="key"))
@@ -186,11 +263,67 @@ class Options:
         set_(self, "response_header_names", frozenset(n.lower().encode("latin-1") for n in names))
         keys = (self.request_id_header, self.session_id_header, self.user_id_header)
         set_(self, "request_keys", tuple(name.lower() for name in keys))
-        ours = (self.trace_id_header, self.request_id_header)
-        set_(self, "response_header_keys", tuple(name.lower().encode("latin-1") for name in ours))
+        keys = (self.trace_id_header, self.request_id_header, self.feedback_token_header)
+        set_(self, "response_header_keys", tuple(name.lower().encode("latin-1") for name in keys))
         echoed = [self.request_id_header] if self.echo_request_id else []
-        exposed = (", ".join(echoed), ", ".join([self.trace_id_header, *echoed]))
+        traced = [self.trace_id_header, *([self.feedback_token_header] if self.feedback_tokens else [])]
+        exposed = (", ".join(echoed), ", ".join([*traced, *echoed]))
         set_(self, "expose_values", tuple(value.encode("latin-1") for value in exposed))
+
+    def _feedback_policy(self, set_: Callable[[object, str, object], None]) -> None:
+        if self.feedback_auth not in FEEDBACK_POLICIES:
+            policies = ", ".join(FEEDBACK_POLICIES)
+            raise OptionsError(f"feedback_auth: expected one of {policies}, got {self.feedback_auth!r}")
+        kinds = self.feedback_kinds
+        if isinstance(kinds, str) or not set(kinds) <= {"feedback", "expectation"}:
+            raise OptionsError(f"feedback_kinds: a list of 'feedback' and/or 'expectation', got {kinds!r}")
+        set_(self, "feedback_kinds", tuple(kinds))
+        ttl = self.feedback_token_ttl
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 60 <= ttl <= 30 * 86400:
+            raise OptionsError(f"feedback_token_ttl: expected 60 s to 30 days, got {ttl!r}")
+        rate = self.feedback_rate_limit
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
+            raise OptionsError(f"feedback_rate_limit: expected requests per minute (0: none), got {rate!r}")
+        origins = self.feedback_cors_origins
+        if isinstance(origins, str) or not all(
+            isinstance(o, str) and ("://" in o or o == "*") for o in origins
+        ):
+            raise OptionsError(f"feedback_cors_origins: origins like 'https://app.example', got {origins!r}")
+        set_(self, "feedback_cors_origins", frozenset(o.rstrip("/") for o in origins))
+        secret = self.feedback_secret
+        secret = os.environ.get(FEEDBACK_SECRET_ENV) if secret is None else secret
+        secrets = [secret] if isinstance(secret, str) else list(secret or [])
+        if any(not isinstance(s, str) or len(s) < MIN_SECRET_LENGTH for s in secrets):
+            raise OptionsError(f"feedback_secret: secrets must be strings of {MIN_SECRET_LENGTH}+ characters")
+        needed = self.feedback_path is not None and self.feedback_auth == "token"
+        if needed and not secrets:
+            raise OptionsError(
+                "feedback_auth='token' (the default) signs the feedback tokens handed to clients: set "
+                f"{FEEDBACK_SECRET_ENV} to a random string (the same in every worker; e.g. "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'), or pass feedback_secret=. "
+                "Or choose feedback_auth='user' or 'open', or turn the endpoint off with feedback_path=None."
+            )
+        set_(self, "feedback_tokens", FeedbackTokens(secrets, ttl) if needed else None)
+
+    def _peers(self) -> tuple[Network, ...]:
+        accept = self.accept_traceparent
+        if isinstance(accept, bool):
+            return ()
+        if isinstance(accept, str):
+            raise OptionsError("accept_traceparent: expected True, False or a list of networks")
+        try:
+            return parse_networks(accept)
+        except (ValueError, TypeError) as exc:
+            raise OptionsError(f"accept_traceparent: {exc}") from None
+
+    def traceparent_trusted(self, client: str | None) -> bool:
+        """May this peer's traceparent link our trace to its own?"""
+        accept = self.accept_traceparent
+        if isinstance(accept, bool):
+            return accept
+        from mlflow_ctx_mw.security import peer_in
+
+        return peer_in(client, self.traceparent_peers)
 
     def _exclusions(self) -> list[str]:
         if isinstance(self.exclude_paths, str) or not isinstance(self.exclude_paths, Sequence | set):
@@ -216,11 +349,27 @@ class Options:
         return list(self.exclude_paths)
 
     @classmethod
-    def build(cls, options: Options | Mapping[str, Any] | None = None, **kwargs: Any) -> Options:
-        """Options from an Options object, a mapping (Django settings) and/or kwargs."""
+    def build(
+        cls,
+        options: Options | Mapping[str, Any] | None = None,
+        *,
+        default_secret: str | None = None,
+        **kwargs: Any,
+    ) -> Options:
+        """Options from an Options object, a mapping (Django settings) and/or kwargs.
+
+        `default_secret` is the framework's own secret (Django's SECRET_KEY, Flask's secret_key),
+        used for feedback tokens when neither the options nor the environment name one.
+        """
         if isinstance(options, Options):
             return dataclasses.replace(options, **kwargs) if kwargs else options
         merged = {**(options or {}), **kwargs}
+        if (
+            merged.get("feedback_secret") is None
+            and not os.environ.get(FEEDBACK_SECRET_ENV)
+            and default_secret
+        ):
+            merged["feedback_secret"] = default_secret
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(merged) - known)
         if unknown:

@@ -38,10 +38,31 @@ class ExportStats:
     failed_exports: int
     #: Traces MLflow evicted from its full in-memory buffer before they were exported.
     evicted_traces: int = 0
+    #: Ratings the feedback endpoint accepted (202), and of those: stored (new or updated),
+    #: updated (a user's second rating under a name), refused at delivery (not the app's trace,
+    #: or not the user's; several traces with the client request id), dropped (no trace by the
+    #: deadline, or MLflow failing throughout).
+    feedback_accepted: int = 0
+    feedback_delivered: int = 0
+    feedback_updated: int = 0
+    feedback_refused: int = 0
+    feedback_dropped: int = 0
 
 
 def export_stats() -> ExportStats:
-    return ExportStats(_dropped_exports, _dropped_spans, _failed_exports, _evicted_traces)
+    from mlflow_ctx_mw.delivery import COUNTS as feedback
+
+    return ExportStats(
+        _dropped_exports,
+        _dropped_spans,
+        _failed_exports,
+        _evicted_traces,
+        feedback.accepted,
+        feedback.delivered,
+        feedback.updated,
+        feedback.refused,
+        feedback.dropped,
+    )
 
 
 def _failed() -> bool:

@@ -1,53 +1,60 @@
 """Feedback on a trace from clients that cannot call MLflow themselves (browsers, mobile apps).
 
-`log_feedback(...)` is the helper for app code with its own route; `handle_feedback(...)` is the
-built-in endpoint every adapter answers (POST, JSON, one assessment per call: several dimensions
-are several calls). Both validate the same way and raise/answer `FeedbackError` with an HTTP
-status and the field at fault; no MLflow error text or stack trace reaches the client.
+The built-in endpoint (`FeedbackEndpoint.answer`, the same for every adapter) treats every byte as
+an attacker's: it checks the request, the body, the ids (the exact form MLflow issues) and the
+client's right to rate the trace, without a single MLflow call, then hands the rating to the
+background delivery (`delivery.py`) and answers 202. No server worker waits on MLflow, and a
+client error is a 4xx that is never logged as an MLflow failure.
+
+`log_feedback(...)` is the synchronous helper for app code with its own route (it waits, in the
+caller's thread, for the trace to exist); both validate the same way.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import threading
-import time
+import re
+import uuid
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-from mlflow_ctx_mw import _mlflow
-from mlflow_ctx_mw._logonce import log_once
-from mlflow_ctx_mw._recent import RECENT
 from mlflow_ctx_mw.config import Options
+from mlflow_ctx_mw.delivery import DELIVERY, DeliveryError, Rating, deliver_now
 from mlflow_ctx_mw.destination import app_experiment
-from mlflow_ctx_mw.mapper import (
-    MAX_ID_LENGTH,
-    MAX_METADATA_LENGTH,
-    RequestView,
-    clean_id,
-    clean_text,
-    resolve_user,
-)
+from mlflow_ctx_mw.mapper import MAX_ID_LENGTH, MAX_METADATA_LENGTH, clean_id
+from mlflow_ctx_mw.security import RateLimiter
 
-__all__ = ["FeedbackError", "FeedbackResult", "declared_too_large", "feedback_response", "log_feedback"]
+__all__ = [
+    "Feedback",
+    "FeedbackEndpoint",
+    "FeedbackError",
+    "FeedbackRequest",
+    "FeedbackResult",
+    "is_endpoint",
+    "log_feedback",
+    "parse_feedback",
+    "read_limited",
+]
 
-logger = logging.getLogger("mlflow_ctx_mw")
-
-MAX_TRACE_ID_LENGTH = 128
+#: The trace ids MLflow 3 issues for traces in an experiment: nothing else reaches MLflow.
+TRACE_ID = re.compile(r"^tr-[0-9a-f]{32}$")
 MAX_NAME_LENGTH = 250
 MAX_TEXT_VALUE = 10_000
 MAX_RATIONALE = 10_000
 MAX_ITEMS = 100
+#: JSON numbers MLflow stores exactly (a double's integer range).
+MAX_INT = 2**53
 FIELDS = frozenset({"trace_id", "client_request_id", "value", "name", "rationale", "metadata", "kind"})
+_NAME = re.compile(r"^[^\x00-\x1f\x7f]+$")
 Scalar = bool | int | float | str
+Value = Scalar | list[Scalar] | dict[str, Scalar]
 
 
 class FeedbackError(Exception):
-    """A feedback call that cannot be logged; `status` is the HTTP answer."""
+    """Feedback that cannot be taken; `status` is the HTTP answer, `field` the part at fault."""
 
     def __init__(self, status: int, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -68,26 +75,66 @@ class FeedbackResult:
     trace_id: str
 
 
+@dataclass(frozen=True)
+class Feedback:
+    """A checked feedback body: exactly one id, and values MLflow stores as given."""
+
+    trace_id: str | None
+    client_request_id: str | None
+    value: Value
+    name: str
+    rationale: str | None
+    metadata: dict[str, Scalar] | None
+    kind: str
+
+
 def _invalid(field: str, message: str) -> FeedbackError:
     return FeedbackError(422, f"{field}: {message}", field)
 
 
+def _text(value: object, field: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise _invalid(field, "expected a string")
+    if len(value) > limit:
+        raise _invalid(field, f"longer than {limit} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\\ud800"): not text MLflow can store
+        raise _invalid(field, "not valid Unicode text") from None
+    return value
+
+
 def _scalar(value: object, field: str) -> Scalar:
-    if isinstance(value, bool | int):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if abs(value) > MAX_INT:
+            raise _invalid(field, "integers must be within +-2**53")
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
             raise _invalid(field, "numbers must be finite")
         return value
     if isinstance(value, str):
-        if len(value) > MAX_TEXT_VALUE:
-            raise _invalid(field, f"text longer than {MAX_TEXT_VALUE} characters")
-        return value
+        return _text(value, field, MAX_TEXT_VALUE)
     raise _invalid(field, "expected a boolean, number or string")
 
 
-def _value(value: object) -> Scalar | list[Scalar] | dict[str, Scalar]:
-    """What mlflow.log_feedback accepts: a scalar, or a flat list/object of scalars."""
+def _flat_object(value: object, field: str) -> dict[str, Scalar]:
+    if not isinstance(value, dict):
+        raise _invalid(field, "expected an object")
+    if len(value) > MAX_ITEMS:
+        raise _invalid(field, f"at most {MAX_ITEMS} keys")
+    out: dict[str, Scalar] = {}
+    for key, item in value.items():
+        if not key or len(key) > MAX_NAME_LENGTH:
+            raise _invalid(field, f"keys must be 1-{MAX_NAME_LENGTH} characters")
+        out[_text(key, field, MAX_NAME_LENGTH)] = _scalar(item, field)
+    return out
+
+
+def _value(value: object) -> Value:
+    """What MLflow stores as an assessment value: a scalar, or a flat list/object of scalars."""
     if value is None:
         raise _invalid("value", "required")
     if isinstance(value, list):
@@ -99,45 +146,202 @@ def _value(value: object) -> Scalar | list[Scalar] | dict[str, Scalar]:
     return _scalar(value, "value")
 
 
-def _flat_object(value: object, field: str) -> dict[str, Scalar]:
-    if not isinstance(value, dict):
-        raise _invalid(field, "expected an object")
-    if len(value) > MAX_ITEMS:
-        raise _invalid(field, f"at most {MAX_ITEMS} keys")
-    out: dict[str, Scalar] = {}
-    for key, item in value.items():
-        if not isinstance(key, str) or not key or len(key) > MAX_NAME_LENGTH:
-            raise _invalid(field, f"keys must be 1-{MAX_NAME_LENGTH} characters")
-        out[key] = _scalar(item, field)
-    return out
-
-
-def _text(value: object, field: str, limit: int, *, required: bool = False) -> str | None:
-    if value is None and not required:
-        return None
-    if not isinstance(value, str):
-        raise _invalid(field, "expected a string")
-    if len(value) > limit:
-        raise _invalid(field, f"longer than {limit} characters")
-    cleaned = clean_text(value, limit)
-    if required and not cleaned:
-        raise _invalid(field, "must not be empty")
-    return cleaned
-
-
-def _ids(trace_id: object, client_request_id: object) -> tuple[str | None, str | None]:
+def check_feedback(
+    *,
+    trace_id: object = None,
+    client_request_id: object = None,
+    value: object = None,
+    name: object = "user_feedback",
+    rationale: object = None,
+    metadata: object = None,
+    kind: object = "feedback",
+) -> Feedback:
+    """Raise FeedbackError (422) unless every field is of the form MLflow would take as is."""
     if (trace_id is None) == (client_request_id is None):
         raise FeedbackError(422, "give exactly one of trace_id or client_request_id", "trace_id")
-    if trace_id is not None:
-        if (clean := clean_id(trace_id, MAX_TRACE_ID_LENGTH)) is None:  # type: ignore[arg-type]
-            raise _invalid("trace_id", "not a trace id")
-        return clean, None
-    if (clean := clean_id(client_request_id, MAX_ID_LENGTH)) is None:  # type: ignore[arg-type]
+    if trace_id is not None and (not isinstance(trace_id, str) or not TRACE_ID.match(trace_id)):
+        raise _invalid("trace_id", "not an MLflow trace id (tr- and 32 hexadecimal digits)")
+    if client_request_id is not None and (
+        not isinstance(client_request_id, str)
+        or clean_id(client_request_id, MAX_ID_LENGTH) != client_request_id
+    ):  # exactly as recorded: the ids the middleware keeps are filter-safe
         raise _invalid(
             "client_request_id",
             f"1-{MAX_ID_LENGTH} printable characters without spaces, quotes, backticks or backslashes",
         )
-    return None, clean
+    checked_name = _text(name, "name", MAX_NAME_LENGTH)
+    if not _NAME.match(checked_name):
+        raise _invalid("name", "1 or more characters, no control characters")
+    if kind not in ("feedback", "expectation"):
+        raise _invalid("kind", "'feedback' or 'expectation'")
+    checked_rationale = None if rationale is None else _text(rationale, "rationale", MAX_RATIONALE)
+    if kind == "expectation" and checked_rationale:
+        raise _invalid("rationale", "expectations take no rationale")
+    return Feedback(
+        trace_id=trace_id,
+        client_request_id=client_request_id,
+        value=_value(value),
+        name=checked_name,
+        rationale=checked_rationale,
+        metadata=None if metadata is None else _flat_object(metadata, "metadata"),
+        kind=str(kind),
+    )
+
+
+def parse_feedback(body: bytes, max_bytes: int) -> Feedback:
+    """A feedback body as the endpoint receives it: 413, 400 or 422 unless it is sound."""
+    if len(body) > max_bytes:
+        raise FeedbackError(413, f"body larger than {max_bytes} bytes")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise FeedbackError(400, "body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise FeedbackError(422, "body: expected a JSON object", "body")
+    unknown = sorted(set(data) - FIELDS)
+    if unknown:
+        raise _invalid(str(unknown[0])[:50], f"unknown field; expected {', '.join(sorted(FIELDS))}")
+    return check_feedback(**data)
+
+
+# --- the endpoint --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeedbackRequest:
+    """One request to the endpoint, as every adapter sees it."""
+
+    method: str
+    #: Lower-case header names.
+    headers: Mapping[str, str]
+    #: The body, or None when it was larger than the limit (not read further).
+    body: bytes | None
+    #: The peer's address, for rate limits.
+    client: str | None
+    #: The requester's user as the app authenticates it (or the trusted header), if any.
+    user: str | None
+
+
+Answer = tuple[int, list[tuple[str, str]], bytes]
+_JSON = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
+
+
+class FeedbackEndpoint:
+    """The endpoint's checks and the state they need (tokens, rate limits); one per middleware."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.tokens = options.feedback_tokens
+        self.limiter = RateLimiter(options.feedback_rate_limit)
+
+    def answer(self, request: FeedbackRequest) -> Answer | None:
+        """Status, headers and JSON body; None: not ours to answer (a CORS preflight the app has
+        not asked us to answer goes to the app, as any OPTIONS request would)."""
+        cors = self._cors(request)
+        if request.method == "OPTIONS":
+            return self._preflight(cors) if cors else None
+        try:
+            status, payload = self._accept(request)
+        except FeedbackError as exc:
+            status, payload = exc.status, exc.payload()
+            retry = getattr(exc, "retry_after", None)
+            if retry:
+                cors = [*cors, ("Retry-After", str(max(1, math.ceil(retry))))]
+        headers = [*_JSON, *cors]
+        if status == 405:
+            headers.append(("Allow", "POST, OPTIONS" if self.options.feedback_cors_origins else "POST"))
+        return status, headers, json.dumps(payload).encode()
+
+    def _accept(self, request: FeedbackRequest) -> tuple[int, dict[str, Any]]:
+        options = self.options
+        if request.method != "POST":
+            raise FeedbackError(405, "use POST")
+        origin = request.headers.get("origin")
+        if origin is not None and not self._origin_allowed(origin, request.headers.get("host")):
+            raise FeedbackError(403, "requests from this origin are not accepted")
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json":  # a type browsers never send cross-site without a preflight
+            raise FeedbackError(415, "send the body as application/json")
+        # By address: a client can invent user ids (where the header is trusted), not addresses.
+        wait = self.limiter.allow(request.client or f"user:{request.user}")
+        if wait:
+            error = FeedbackError(429, "too many feedback requests; slow down")
+            error.retry_after = wait  # type: ignore[attr-defined]
+            raise error
+        if request.body is None:
+            raise FeedbackError(413, f"body larger than {options.feedback_max_bytes} bytes")
+        feedback = parse_feedback(request.body, options.feedback_max_bytes)
+        if feedback.kind not in options.feedback_kinds:
+            raise FeedbackError(403, f"{feedback.kind} is not accepted here", "kind")
+        rating = self._authorize(feedback, request)
+        if not DELIVERY.submit(rating):
+            error = FeedbackError(503, "feedback service busy; try again later")
+            error.retry_after = 5  # type: ignore[attr-defined]
+            raise error
+        return 202, {"feedback_id": rating.feedback_id, "trace_id": rating.trace_id, "status": "accepted"}
+
+    def _authorize(self, feedback: Feedback, request: FeedbackRequest) -> Rating:
+        """Who may rate which trace, by the app's policy; the rating to deliver."""
+        options = self.options
+        requester = request.user
+        trace_id, must_be_user = feedback.trace_id, None
+        if options.feedback_auth == "token":
+            token = request.headers.get(options.feedback_token_header.lower())
+            claims = self.tokens.verify(token) if self.tokens is not None else None
+            if claims is None:
+                raise FeedbackError(401, "a valid, unexpired feedback token is required", "token")
+            if feedback.trace_id not in (None, claims.trace_id) or feedback.client_request_id not in (
+                None,
+                claims.client_request_id,
+            ):
+                raise FeedbackError(403, "the feedback token is for another trace", "token")
+            if requester is not None and claims.user is not None and requester != claims.user:
+                raise FeedbackError(403, "the feedback token belongs to another user", "token")
+            trace_id, source = claims.trace_id, claims.user or requester
+        elif options.feedback_auth == "user":
+            if requester is None:
+                raise FeedbackError(401, "sign in to send feedback")
+            source = must_be_user = requester
+        else:  # "open": the app's own choice, for trusted clients
+            source = requester
+        return _rating(
+            feedback,
+            trace_id=trace_id,
+            source=source,
+            trace_user=must_be_user,
+            experiment_id=app_experiment(options),
+            deadline=options.feedback_wait_seconds,
+        )
+
+    # --- CORS, for the endpoint alone ---
+
+    def _origin_allowed(self, origin: str, host: str | None) -> bool:
+        """The app's configured origins, or its own (same-origin requests carry Origin too)."""
+        allowed = self.options.feedback_cors_origins
+        return origin in allowed or "*" in allowed or (host is not None and urlsplit(origin).netloc == host)
+
+    def _cors(self, request: FeedbackRequest) -> list[tuple[str, str]]:
+        origin = request.headers.get("origin")
+        allowed = self.options.feedback_cors_origins
+        if not origin or not (origin in allowed or "*" in allowed):
+            return []
+        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+
+    def _preflight(self, cors: list[tuple[str, str]]) -> Answer:
+        options = self.options
+        allowed = ", ".join(["Content-Type", options.feedback_token_header, options.user_id_header])
+        headers = [
+            *cors,
+            ("Access-Control-Allow-Methods", "POST"),
+            ("Access-Control-Allow-Headers", allowed),
+            ("Access-Control-Allow-Credentials", "true"),
+            ("Access-Control-Max-Age", "600"),
+            ("Content-Length", "0"),
+        ]
+        return 204, headers, b""
+
+
+# --- the helper for app code ----------------------------------------------------------------------
 
 
 def log_feedback(
@@ -152,168 +356,85 @@ def log_feedback(
     kind: str = "feedback",
     experiment_id: str | None = None,
     wait_seconds: float = 10.0,
-    timeout_seconds: float = 10.0,
 ) -> FeedbackResult:
-    """Validate and log one assessment with a HUMAN source; raises FeedbackError.
+    """Validate and log one assessment with a HUMAN source, in the caller's thread; raises
+    FeedbackError. One assessment per (trace, user, name): a second call updates the first.
 
-    Feedback often arrives before the async exporter has written the trace: a missing trace is
-    retried until `wait_seconds` have passed, then it is a 404. MLflow being unreachable or
-    slower than `timeout_seconds` is a 503.
+    The caller decides who may rate what (this is app code). Feedback often arrives before the
+    async exporter has written the trace: a missing trace is retried until `wait_seconds` have
+    passed, then it is a 404; MLflow failing throughout is a 503.
     """
-    trace_id, client_request_id = _ids(trace_id, client_request_id)
-    checked_value = _value(value)
-    checked_name = _text(name, "name", MAX_NAME_LENGTH, required=True)
-    checked_rationale = _text(rationale, "rationale", MAX_RATIONALE)
-    checked_metadata = _flat_object(metadata, "metadata") if metadata is not None else None
-    if kind not in ("feedback", "expectation"):
-        raise _invalid("kind", "'feedback' or 'expectation'")
-    if kind == "expectation" and checked_rationale:
-        raise _invalid("rationale", "expectations take no rationale")
-    source_id = clean_id(user, MAX_METADATA_LENGTH) if user else None
-
-    field = "trace_id" if trace_id else "client_request_id"
-    deadline = time.monotonic() + wait_seconds
-    delay, flushed = 0.1, False
-    while True:
-        found = trace_id or RECENT.trace_for(client_request_id or "")
-        found = found or _bounded(timeout_seconds, _find, client_request_id, experiment_id)
-        if found is not None:
-            assessment_id = _bounded(
-                timeout_seconds,
-                _mlflow.log_assessment,
-                kind,
-                trace_id=found,
-                name=checked_name or "user_feedback",
-                value=checked_value,
-                source_id=source_id or "anonymous",
-                rationale=checked_rationale,
-                metadata=checked_metadata,
-            )
-            if assessment_id is not None:
-                return FeedbackResult(assessment_id, found)
-            if not flushed and found in RECENT:
-                # Ours, still on its way to the server: export it now rather than wait.
-                _bounded(timeout_seconds, _mlflow.flush_export)
-                flushed = True
-                continue
-        if time.monotonic() + delay > deadline:
-            raise FeedbackError(404, "no such trace", field)
-        time.sleep(delay)  # the caller's thread waits; no pool slot is held meanwhile
-        delay = min(delay * 2, 1.0)
-
-
-def _find(client_request_id: str | None, experiment_id: str | None) -> str | None:
-    found = _mlflow.find_traces_by_client_request_id(client_request_id or "", experiment_id)
-    if len(found) > 1:
-        raise FeedbackError(
-            409, "several traces have this client_request_id; use trace_id", "client_request_id"
-        )
-    return found[0] if found else None
-
-
-# MLflow's HTTP client retries for minutes when the server is down: run calls on a small pool
-# and give up waiting (503) after a bound; a full pool answers 503 at once instead of queueing.
-_POOL_SIZE = 8
-_pool = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="mlflow-ctx-feedback")
-_slots = threading.BoundedSemaphore(_POOL_SIZE)
-
-
-def _bounded(timeout: float, call: Any, *args: Any, **kwargs: Any) -> Any:
-    """One MLflow call on the pool, waited for at most `timeout` seconds."""
-    if not _slots.acquire(blocking=False):
-        raise FeedbackError(503, "feedback service busy; try again later")
+    feedback = check_feedback(
+        trace_id=trace_id,
+        client_request_id=client_request_id,
+        value=value,
+        name=name,
+        rationale=rationale,
+        metadata=dict(metadata) if metadata is not None else None,
+        kind=kind,
+    )
+    rating = _rating(
+        feedback,
+        trace_id=feedback.trace_id,
+        source=user,
+        trace_user=None,
+        experiment_id=experiment_id,
+        deadline=wait_seconds,
+    )
     try:
-        future = _pool.submit(call, *args, **kwargs)
-    except Exception:
-        _slots.release()
-        raise
-    future.add_done_callback(lambda _: _slots.release())
-    try:
-        return future.result(timeout=timeout)
-    except FeedbackError:
-        raise
-    except FutureTimeout:
-        log_once("feedback-timeout", "MLflow did not answer a feedback call in time", exc_info=False)
-        raise FeedbackError(503, "tracking server unavailable") from None
-    except Exception:
-        log_once("feedback-error", "MLflow failed a feedback call")
-        raise FeedbackError(503, "tracking server unavailable") from None
+        assessment_id, found = deliver_now(rating)
+    except DeliveryError as exc:
+        field = "trace_id" if trace_id else "client_request_id"
+        raise {
+            "missing": FeedbackError(404, "no such trace", field),
+            "ambiguous": FeedbackError(409, "several traces have this client_request_id", field),
+            "refused": FeedbackError(403, "not a trace of this app", field),
+        }.get(exc.reason, FeedbackError(503, "tracking server unavailable")) from None
+    return FeedbackResult(assessment_id, found)
 
 
-def parse_body(body: bytes, max_bytes: int) -> dict[str, Any]:
-    if len(body) > max_bytes:
-        raise FeedbackError(413, f"body larger than {max_bytes} bytes")
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise FeedbackError(400, "body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise FeedbackError(422, "body: expected a JSON object", "body")
-    unknown = sorted(set(data) - FIELDS)
-    if unknown:
-        raise _invalid(unknown[0], f"unknown field; expected {', '.join(sorted(FIELDS))}")
-    return data
+def _rating(
+    feedback: Feedback,
+    *,
+    trace_id: str | None,
+    source: str | None,
+    trace_user: str | None,
+    experiment_id: str | None,
+    deadline: float,
+) -> Rating:
+    return Rating(
+        feedback_id=uuid.uuid4().hex,
+        trace_id=trace_id,
+        client_request_id=None if trace_id else feedback.client_request_id,
+        kind=feedback.kind,
+        name=feedback.name,
+        value=feedback.value,
+        rationale=feedback.rationale,
+        metadata=feedback.metadata,
+        source_id=clean_id(source, MAX_METADATA_LENGTH) or "anonymous",
+        trace_user=trace_user,
+        experiment_id=experiment_id,
+        deadline_seconds=deadline,
+    )
 
 
-def handle_feedback(options: Options, user: str | None, body: bytes) -> tuple[int, dict[str, Any]]:
-    """The built-in endpoint, framework-free: (status, JSON payload). Never raises."""
-    try:
-        data = parse_body(body, options.feedback_max_bytes)
-        result = log_feedback(
-            trace_id=data.get("trace_id"),
-            client_request_id=data.get("client_request_id"),
-            value=data.get("value"),
-            name=data.get("name", "user_feedback"),
-            user=user,
-            rationale=data.get("rationale"),
-            metadata=data.get("metadata"),
-            kind=data.get("kind", "feedback"),
-            experiment_id=app_experiment(options),
-            wait_seconds=options.feedback_wait_seconds,
-        )
-        return 201, {"assessment_id": result.assessment_id, "trace_id": result.trace_id}
-    except FeedbackError as exc:
-        return exc.status, exc.payload()
-    except Exception:
-        log_once("feedback-bug", "mlflow_ctx_mw failed to handle a feedback request")
-        return 500, {"error": "internal error"}
-
-
-def feedback_response(
-    options: Options, view: RequestView, body: bytes | None
-) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Status, headers and JSON body for the built-in endpoint. `body` None means: over the limit.
-
-    The assessment's source id is the request's user, resolved as for traces.
-    """
-    method = view.method
-    if method != "POST":
-        status, payload = 405, {"error": "use POST"}
-    elif body is None:
-        status, payload = 413, {"error": f"body larger than {options.feedback_max_bytes} bytes"}
-    else:
-        status, payload = handle_feedback(options, resolve_user(options, view), body)
-    out = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
-    if status == 405:
-        out.append(("Allow", "POST"))
-    return status, out, json.dumps(payload).encode()
-
-
-def declared_too_large(options: Options, content_length: str | None) -> bool:
-    """A Content-Length over the limit: answer 413 without reading the body."""
-    try:
-        return content_length is not None and int(content_length) > options.feedback_max_bytes
-    except ValueError:
-        return False
+def is_endpoint(raw_path: str | None, path: str) -> bool:
+    """The endpoint answers a path only as sent literally: a server decodes /mlflow%2Ffeedback to
+    /mlflow/feedback, and an exact-path proxy rule in front would not have matched it. `raw_path`
+    is the request target as received (None when the server does not say)."""
+    if raw_path is None:
+        return True
+    return raw_path.split("?", 1)[0] == path
 
 
 def read_limited(read: Any, content_length: str | None, limit: int) -> bytes | None:
-    """Up to `limit` bytes from a file-like `read`; None if the body is larger (then: 413)."""
+    """Up to `limit` bytes from a file-like `read`; None if the body is larger (then: 413,
+    without reading the rest)."""
     try:
         length = int(content_length) if content_length else None
     except ValueError:
         length = None
     if length is not None and length > limit:
         return None
-    data = read(limit + 1 if length is None else length)
+    data = read(limit + 1 if length is None or length < 0 else length)
     return None if len(data) > limit else bytes(data)

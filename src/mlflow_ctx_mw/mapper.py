@@ -16,7 +16,7 @@ from typing import Any
 
 from mlflow_ctx_mw._logonce import log_once
 from mlflow_ctx_mw.config import Options
-from mlflow_ctx_mw.users import authenticated_user
+from mlflow_ctx_mw.users import ANONYMOUS, authenticated_user
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -57,6 +57,8 @@ class RequestView:
     headers: Mapping[str, str]
     #: The framework's own request object (ASGI scope, WSGI environ, Django HttpRequest).
     native: Any = None
+    #: The peer's address (for trusted-peer rules), when the server gives it.
+    client: str | None = None
 
 
 @dataclass
@@ -71,6 +73,8 @@ class RequestContext:
     user_id: str | None = None
     #: The caller's (trace id, span id) from a valid `traceparent`, when accepted.
     caller: tuple[str, str] | None = None
+    #: The user id came from the user header (no authenticated user was known yet).
+    user_from_header: bool = False
 
 
 def clean_id(value: str | None, limit: int) -> str | None:
@@ -117,8 +121,8 @@ def build_context(options: Options, view: RequestView) -> RequestContext:
     if options.request_hook is not None:
         _apply_hook(options, view, ctx)
     ctx.session_id = clean_id(headers.get(session_key), MAX_METADATA_LENGTH)
-    ctx.user_id = resolve_user(options, view)
-    if options.accept_traceparent:
+    ctx.user_id, ctx.user_from_header = resolve_user_and_source(options, view)
+    if options.accept_traceparent is not False and options.traceparent_trusted(view.client):
         ctx.caller = parse_traceparent(headers.get("traceparent"))
         if ctx.caller is not None:
             metadata[CALLER_KEY] = f"tr-{ctx.caller[0]}"
@@ -126,24 +130,62 @@ def build_context(options: Options, view: RequestView) -> RequestContext:
         metadata[SESSION_KEY] = ctx.session_id
     if ctx.user_id is not None:
         metadata[USER_KEY] = ctx.user_id
+    if options.redact is not None:
+        redact_fields(options, metadata)
+        redact_fields(options, ctx.tags)
     return ctx
 
 
-def resolve_user(options: Options, view: RequestView) -> str | None:
-    """The configured resolver, else the framework's authenticated user, else the trusted header.
+def redact_fields(options: Options, fields: dict[str, str]) -> None:
+    """The app's redaction hook over recorded fields; a failing hook drops the value (private
+    data is better missing than leaked)."""
+    redact = options.redact
+    assert redact is not None
+    for key, value in list(fields.items()):
+        try:
+            kept = redact(key, value)
+        except Exception:
+            log_once("redact", "redact hook failed; the field is not recorded")
+            kept = None
+        if kept is None:
+            del fields[key]
+        elif kept != value:
+            fields[key] = str(kept)
 
-    A resolver's failure is logged once and the header (if trusted) decides.
+
+def resolve_user(options: Options, view: RequestView) -> str | None:
+    """The configured resolver, else the framework's authenticated user, else the user header
+    when trusted: by default (auto) only in an app with no authentication we can see, so that a
+    client cannot name itself in an app that knows who it is.
+
+    A resolver's failure is logged once and counts as nobody logged in.
     """
+    return resolve_user_and_source(options, view)[0]
+
+
+def resolve_user_and_source(options: Options, view: RequestView) -> tuple[str | None, bool]:
+    """resolve_user(), and whether the id came from the header."""
+    user: str | None
     try:
-        user = (options.user_resolver or authenticated_user)(view)
+        if options.user_resolver is not None:
+            user = options.user_resolver(view) or ANONYMOUS  # a resolver means the app has auth
+        else:
+            user = authenticated_user(view)
     except Exception:
-        log_once("user_resolver", "user_resolver failed; falling back to the user header")
-        user = None
-    if user is not None:
-        return clean_id(str(user), MAX_METADATA_LENGTH)
-    if options.trust_user_header:
-        return clean_id(view.headers.get(options.request_keys[2]), MAX_METADATA_LENGTH)
-    return None
+        log_once("user_resolver", "user_resolver failed; treating the request as not logged in")
+        user = ANONYMOUS
+    if user:
+        return clean_id(str(user), MAX_METADATA_LENGTH), False
+    claimed = header_user(options, view, has_auth=user is not None)
+    return claimed, claimed is not None
+
+
+def header_user(options: Options, view: RequestView, *, has_auth: bool) -> str | None:
+    """The user header's id, if the app's policy trusts it here."""
+    trust = options.trust_user_header
+    if trust is False or (trust is None and has_auth):
+        return None
+    return clean_id(view.headers.get(options.request_keys[2]), MAX_METADATA_LENGTH)
 
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")

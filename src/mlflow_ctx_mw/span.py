@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 
 from mlflow_ctx_mw import _mlflow
 from mlflow_ctx_mw._logonce import log_once
-from mlflow_ctx_mw._recent import RECENT
 from mlflow_ctx_mw.config import Options
 from mlflow_ctx_mw.destination import UNRESOLVED, experiment_for_span
-from mlflow_ctx_mw.mapper import USER_KEY, RequestContext, RequestView, build_context
+from mlflow_ctx_mw.mapper import USER_KEY, RequestContext, RequestView, build_context, redact_fields
+from mlflow_ctx_mw.security import redact_query
+from mlflow_ctx_mw.users import ANONYMOUS
 
 __all__ = ["RequestSpan", "merge_header_list"]
 
@@ -174,10 +175,17 @@ class RequestSpan:
         self.detach()
 
     def learn_user(self, user: str | None) -> None:
-        """A user known only once the app ran (Flask-Login) replaces the header's."""
-        if not user or user == self.context.user_id:
+        """What the app's authentication said once it ran (Flask-Login; an auth middleware inside
+        ours): its user replaces the header's, and where the app authenticates and nobody is
+        logged in, a user only the header claimed is dropped (unless the header is trusted)."""
+        context = self.context
+        if user is None or user == context.user_id:
             return
-        self.context.user_id = user
+        if user == ANONYMOUS:
+            if not context.user_from_header or self.options.trust_user_header is True:
+                return
+            user = None
+        context.user_id, context.user_from_header = user, False
         if self.span is not None:
             try:
                 _mlflow.set_trace_metadata(self.span, {USER_KEY: user})
@@ -185,14 +193,24 @@ class RequestSpan:
                 log_once("user", "MLflow could not record the authenticated user")
 
     def response_headers(self) -> list[tuple[str, str]]:
-        """Headers to add to the response: trace id, echoed request id."""
+        """Headers to add to the response: trace id, feedback token, echoed request id."""
         options = self.options
         headers: list[tuple[str, str]] = []
         if self.trace_id is not None:
             headers.append((options.trace_id_header, self.trace_id))
+            if (token := self.feedback_token()) is not None:
+                headers.append((options.feedback_token_header, token))
         if options.echo_request_id:
             headers.append((options.request_id_header, self.context.request_id))
         return headers
+
+    def feedback_token(self) -> str | None:
+        """The token that lets this response's client rate its trace (token policy)."""
+        tokens = self.options.feedback_tokens
+        if tokens is None or self.trace_id is None:
+            return None
+        context = self.context
+        return tokens.issue(self.trace_id, context.request_id, context.user_id)
 
     def apply_headers(self, headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         """Response headers with ours set and Access-Control-Expose-Headers merged, not replaced."""
@@ -235,9 +253,13 @@ class RequestSpan:
             error = error or self.error
             status = self.status_code if self.status_code is not None or error is None else 500
             route = self.route or self.resolve_route()
+            options = self.options
             http = {_mlflow.METHOD: self._method, _mlflow.PATH: self._path[:MAX_URL_PART]}
             if self._query:
-                http[_mlflow.QUERY] = self._query[:MAX_URL_PART]
+                http[_mlflow.QUERY] = redact_query(self._query, options.redacted_params)[:MAX_URL_PART]
+            if options.redact is not None:
+                redact_fields(options, http)
+                route = route or http.get(_mlflow.PATH, "")
             _mlflow.end_span(
                 self._root,
                 name=self._name(route),
@@ -246,7 +268,6 @@ class RequestSpan:
                 error=error,
                 disconnected=error is None and status is not None and not self.complete,
             )
-            RECENT.add(self.trace_id, self.context.request_id)  # type: ignore[arg-type]
         except Exception:
             log_once("end", "MLflow could not end a request span")
 
@@ -260,4 +281,5 @@ class RequestSpan:
             return await chunks.__anext__()
 
     def _name(self, route: str | None) -> str:
-        return f"{self._method} {route or self._path[:MAX_NAME_PATH]}"
+        """METHOD and the route template; the raw path only when no template is known."""
+        return f"{self._method} {(route if route is not None else self._path)[:MAX_NAME_PATH]}".rstrip()

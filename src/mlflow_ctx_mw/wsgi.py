@@ -15,8 +15,8 @@ from werkzeug.datastructures import EnvironHeaders
 
 from mlflow_ctx_mw.config import Options
 from mlflow_ctx_mw.destination import configure_destination
-from mlflow_ctx_mw.feedback import feedback_response, read_limited
-from mlflow_ctx_mw.mapper import RequestView
+from mlflow_ctx_mw.feedback import FeedbackEndpoint, FeedbackRequest, is_endpoint, read_limited
+from mlflow_ctx_mw.mapper import RequestView, resolve_user
 from mlflow_ctx_mw.span import RequestSpan
 from mlflow_ctx_mw.users import flask_login_user
 
@@ -30,15 +30,22 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 class MlflowContextMiddleware:
     def __init__(self, app: WSGIApp, options: Options | None = None, **kwargs: Any) -> None:
         self.app = app
-        self.options = Options.build(options, **kwargs)
+        # Flask's `app.wsgi_app` is a bound method: its app gives Flask-Login's user to the
+        # feedback endpoint, and its secret_key can sign feedback tokens.
+        flask_app = getattr(app, "__self__", None)
+        self._flask = flask_app if hasattr(flask_app, "request_context") else None
+        secret = getattr(self._flask, "secret_key", None)
+        self.options = Options.build(
+            options, default_secret=secret if isinstance(secret, str) else None, **kwargs
+        )
+        self.feedback = FeedbackEndpoint(self.options)
         configure_destination(self.options)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         if self.options.excluded(environ.get("PATH_INFO", "")):
             return self.app(environ, start_response)
-        target = self.options.feedback_path
-        if target and environ.get("PATH_INFO") == target and environ.get("REQUEST_METHOD") != "OPTIONS":
-            return _feedback(self.options, environ, start_response)
+        if _is_feedback(self.options, environ) and (answered := self._feedback(environ, start_response)):
+            return answered
         rs = RequestSpan.open(self.options, _view, environ)
         if rs is None:
             return self.app(environ, start_response)
@@ -62,6 +69,36 @@ class MlflowContextMiddleware:
             rs.finish()
             return body
         return _ClosingBody(body, rs)
+
+    def _feedback(self, environ: Environ, start_response: StartResponse) -> list[bytes] | None:
+        """The built-in endpoint (no MLflow call: the rating is delivered in the background)."""
+        options = self.options
+        view = _view(environ)
+        body: bytes | None = b""
+        if view.method == "POST":
+            stream = environ.get("wsgi.input")
+            read = stream.read if stream is not None else (lambda n: b"")
+            body = read_limited(read, environ.get("CONTENT_LENGTH"), options.feedback_max_bytes)
+        answer = self.feedback.answer(
+            FeedbackRequest(view.method, view.headers, body, view.client, self._user(view))
+        )
+        if answer is None:
+            return None
+        status, headers, payload = answer
+        if status != 204:
+            headers.append(("Content-Length", str(len(payload))))
+        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        return [payload]
+
+    def _user(self, view: RequestView) -> str | None:
+        """The requester, as for traces; in a Flask app, inside its request context (Flask-Login)."""
+        if self._flask is None or self.options.user_resolver is not None:
+            return resolve_user(self.options, view)
+        try:
+            with self._flask.request_context(view.native):
+                return resolve_user(self.options, view)
+        except Exception:  # a broken session or user loader: nobody logged in
+            return None
 
 
 class _ClosingBody:
@@ -91,17 +128,13 @@ class _ClosingBody:
             self._rs.finish()
 
 
-def _feedback(options: Options, environ: Environ, start_response: StartResponse) -> list[bytes]:
-    view = _view(environ)
-    body: bytes | None = b""
-    if view.method == "POST":
-        stream = environ.get("wsgi.input")
-        read = stream.read if stream is not None else (lambda n: b"")
-        body = read_limited(read, environ.get("CONTENT_LENGTH"), options.feedback_max_bytes)
-    status, headers, payload = feedback_response(options, view, body)
-    headers.append(("Content-Length", str(len(payload))))
-    start_response(f"{status} {HTTPStatus(status).phrase}", headers)
-    return [payload]
+def _is_feedback(options: Options, environ: Environ) -> bool:
+    """The endpoint's path, exactly as the client sent it (not %2F-encoded, no doubled slash)."""
+    target = options.feedback_path
+    if target is None or environ.get("PATH_INFO") != target:
+        return False
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    return is_endpoint(raw, environ.get("SCRIPT_NAME", "") + target)
 
 
 def _is_file_wrapper(environ: Environ, body: object) -> bool:
@@ -116,6 +149,7 @@ def _view(environ: Environ) -> RequestView:
         query_string=environ.get("QUERY_STRING", ""),
         headers=cast("Mapping[str, str]", EnvironHeaders(environ)),  # a case-insensitive lookup
         native=environ,
+        client=environ.get("REMOTE_ADDR"),
     )
 
 
