@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test load lint compat package bench-lean-venv chromium clean
+.PHONY: demo test scenarios load lint compat package bench-lean-venv chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 test: lint chromium
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not scenario"
+
+# Whole-server scenarios, slower (~3 min): SIGTERM after a burst under each server the README
+# names, memory under sustained load, MLflow down/slow/failing. CI runs them after `make test`.
+scenarios: $(VENV)/.installed
+	$(PY) -m pytest -m scenario
 
 # The concurrency check at full size: 2,000 requests at concurrency 64 through each of the five
 # adapters (the suite runs 200). A local SQLite server ingests ~10-30 traces/s on 2 cores, so this

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
 import mlflow
 from fastapi import BackgroundTasks, Request  # resolved by name: annotations are strings here
@@ -78,13 +79,35 @@ def chunk(i: int) -> bytes:
         return f"data: {i}\n\n".encode()
 
 
-def fastapi_app(**extra: object) -> object:
+def bearer_auth() -> object:
+    """Starlette's AuthenticationMiddleware with "Authorization: Bearer <name>" logging in."""
+    from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
+    from starlette.middleware import Middleware
+    from starlette.middleware.authentication import AuthenticationMiddleware
+
+    class Bearer(AuthenticationBackend):
+        async def authenticate(self, conn):  # type: ignore[no-untyped-def]
+            value = conn.headers.get("Authorization", "")
+            return (
+                (AuthCredentials(["authenticated"]), SimpleUser(value[7:]))
+                if value.startswith("Bearer ")
+                else None
+            )
+
+    return Middleware(AuthenticationMiddleware, backend=Bearer())
+
+
+def fastapi_app(auth_inside: bool = False, **extra: object) -> object:
+    """`auth_inside`: an authentication middleware inside ours (added before it)."""
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
 
     from mlflow_ctx_mw.asgi import MlflowContextMiddleware
 
     app = FastAPI()
+    if auth_inside:
+        auth = bearer_auth()
+        app.add_middleware(auth.cls, *auth.args, **auth.kwargs)  # type: ignore[attr-defined]
 
     @app.get("/items/{item_id}")
     async def item(item_id: int) -> dict[str, int]:
@@ -110,6 +133,12 @@ def fastapi_app(**extra: object) -> object:
     async def broken_stream() -> StreamingResponse:
         return StreamingResponse(async_chunks(2, fail=True), media_type="text/event-stream")
 
+    @app.get("/tracing-status")
+    def tracing() -> dict[str, object]:  # a readiness probe's view
+        from mlflow_ctx_mw import tracing_status
+
+        return tracing_status().__dict__
+
     @app.get("/background")
     async def background(tasks: BackgroundTasks, request: Request) -> dict[str, str]:
         tasks.add_task(background_work, request.headers.get("X-User-ID", ""))
@@ -120,7 +149,7 @@ def fastapi_app(**extra: object) -> object:
     return app
 
 
-def starlette_app(**extra: object) -> object:
+def starlette_app(auth_inside: bool = False, **extra: object) -> object:
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse, StreamingResponse
@@ -159,18 +188,22 @@ def starlette_app(**extra: object) -> object:
             Route("/stream", stream),
             Route("/slow-stream", slow_stream),
             Route("/broken-stream", broken_stream),
-        ]
+        ],
+        middleware=[bearer_auth()] if auth_inside else [],  # type: ignore[list-item]
     )
     # Plain Starlette: the middleware wraps the whole app.
     return app if BARE else MlflowContextMiddleware(app, **{**OPTIONS, **extra})
 
 
-def flask_app(**extra: object) -> object:
+def flask_app(auth_inside: bool = False, **extra: object) -> object:
+    """`auth_inside`: Flask-Login, "Authorization: Bearer <name>" logging in."""
     from flask import Flask, Response
 
     from mlflow_ctx_mw.wsgi import MlflowContextMiddleware
 
     app = Flask(__name__)
+    if auth_inside:
+        bearer_login(app)
 
     @app.get("/items/<int:item_id>")
     def item(item_id: int) -> dict[str, int]:
@@ -196,6 +229,29 @@ def flask_app(**extra: object) -> object:
     def broken_stream() -> Response:
         return Response(sync_chunks(2, fail=True), mimetype="text/event-stream")
 
+    @app.get("/tracing-status")
+    def tracing() -> dict[str, object]:  # a readiness probe's view
+        from mlflow_ctx_mw import tracing_status
+
+        return tracing_status().__dict__
+
     if not BARE:
         app.wsgi_app = MlflowContextMiddleware(app.wsgi_app, **{**OPTIONS, **extra})  # type: ignore[method-assign]
     return app
+
+
+def bearer_login(app: Any) -> None:
+    """Flask-Login with `Authorization: Bearer <name>` logging <name> in (a test stand-in)."""
+    from flask_login import LoginManager, UserMixin
+
+    app.secret_key = "tests-flask-secret-key-0123456789"
+    login = LoginManager(app)
+
+    class User(UserMixin):
+        def __init__(self, name: str) -> None:
+            self.id = name
+
+    @login.request_loader
+    def load(request: Any) -> Any:
+        value = request.headers.get("Authorization", "")
+        return User(value[7:]) if value.startswith("Bearer ") else None

@@ -38,7 +38,12 @@ CORE = [
     "tests/test_destination.py",
     "tests/test_integration.py",
     "tests/test_feedback.py",
-    "tests/test_production.py::test_sigterm_right_after_a_burst_loses_nothing",
+    # SIGTERM after a burst: a server with lifespan, one without, and a threaded WSGI one.
+    "tests/test_shutdown.py::test_sigterm_right_after_a_burst_loses_nothing[uvicorn, lifespan off]",
+    "tests/test_shutdown.py::test_sigterm_right_after_a_burst_loses_nothing[uvicorn, Django ASGI]",
+    "tests/test_shutdown.py::test_sigterm_right_after_a_burst_loses_nothing[gunicorn threaded]",
+    "tests/test_protocol.py",
+    "tests/test_startup.py",
 ]
 SWEEP_CORE = [
     "tests/test_mlflow_contract.py",

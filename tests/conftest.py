@@ -200,10 +200,10 @@ class UvicornThread:
 
 
 class WaitressThread:
-    def __init__(self, app: object) -> None:
+    def __init__(self, app: object, url_prefix: str = "") -> None:
         import waitress
 
-        self.server = waitress.create_server(app, host="127.0.0.1", port=0, threads=8)
+        self.server = waitress.create_server(app, host="127.0.0.1", port=0, threads=8, url_prefix=url_prefix)
         self.port = self.server.effective_port  # type: ignore[union-attr]
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -53,7 +53,8 @@ def smoke(artifact: Path, tracking_uri: str, workdir: Path) -> dict[str, object]
     python = str(env_dir / "bin" / "python")
     subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(artifact)],
                    check=True)  # fmt: skip
-    env = {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_EXPERIMENT_NAME": "package-smoke", "PATH": "/bin"}
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_EXPERIMENT_NAME": "package-smoke", "PATH": "/bin",
+           "MLFLOW_CTX_FEEDBACK_SECRET": "package-smoke-secret"}  # fmt: skip
     out = subprocess.run([python, "-c", SMOKE], env=env, capture_output=True, text=True, cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -34,3 +34,17 @@ def fastapi() -> object:
 
 def flask() -> object:
     return apps.flask_app(**OPTIONS)
+
+
+def django_wsgi() -> object:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djproj.settings")
+    from django.core.wsgi import get_wsgi_application
+
+    return get_wsgi_application()
+
+
+def django_asgi() -> object:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djproj.settings")
+    from django.core.asgi import get_asgi_application
+
+    return get_asgi_application()

@@ -122,7 +122,7 @@ def test_clean_id() -> None:
 
 def test_asgi_headers_are_lower_cased_and_repeats_joined() -> None:
     """A repeated id header is ambiguous: joined as HTTP says, it is then no valid id at all."""
-    from mlflow_ctx_mw.asgi import _view
+    from mlflow_ctx_mw._asgi import view as _view
 
     raw = [(b"X-User-ID", b"alice"), (b"x-session-id", b"s-1"), (b"x-user-id", b"mallory")]
     asgi_view = _view({"type": "http", "method": "GET", "path": "/", "headers": raw})

@@ -20,6 +20,8 @@ import pytest
 from mlflow_ctx_mw.span import RequestSpan
 from mlflow_ctx_mw.testing import free_port
 
+pytestmark = pytest.mark.scenario
+
 PROBE = Path(__file__).resolve().parent / "memory_probe.py"
 REQUESTS = int(os.environ.get("MLFLOW_CTX_MEMORY_REQUESTS", "15000"))
 

@@ -49,22 +49,12 @@ def starlette_with_auth(**options: Any) -> Any:
 
 def flask_with_login(**options: Any) -> Any:
     from flask import Flask
-    from flask_login import LoginManager, UserMixin
 
+    from apps import bearer_login
     from mlflow_ctx_mw.wsgi import MlflowContextMiddleware
 
     app = Flask(__name__)
-    app.secret_key = "tests"
-    login = LoginManager(app)
-
-    class User(UserMixin):
-        def __init__(self, name: str) -> None:
-            self.id = name
-
-    @login.request_loader
-    def load(request: Any) -> Any:
-        value = request.headers.get("Authorization", "")
-        return User(value[7:]) if value.startswith("Bearer ") else None
+    bearer_login(app)
 
     @app.get("/hello")
     def hello() -> dict[str, bool]:

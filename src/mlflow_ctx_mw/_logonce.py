@@ -11,7 +11,7 @@ _seen: set[str] = set()
 _lock = threading.Lock()
 
 
-def log_once(key: str, message: str, *, exc_info: bool = True) -> None:
+def log_once(key: str, message: str, *, exc_info: bool = True, level: int = logging.WARNING) -> None:
     """Log `message` with the current exception the first time `key` is seen in this process."""
     if key in _seen:
         return
@@ -19,7 +19,7 @@ def log_once(key: str, message: str, *, exc_info: bool = True) -> None:
         if key in _seen:
             return
         _seen.add(key)
-    logger.warning("%s (logged once; further occurrences are silent)", message, exc_info=exc_info)
+    logger.log(level, "%s (logged once; further occurrences are silent)", message, exc_info=exc_info)
 
 
 def reset() -> None:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlflow_ctx_mw.security import (
     DEFAULT_REDACTED_PARAMS,
@@ -21,9 +21,7 @@ from mlflow_ctx_mw.security import (
     is_credential_header,
     parse_networks,
 )
-
-if TYPE_CHECKING:
-    from mlflow_ctx_mw.mapper import RequestView
+from mlflow_ctx_mw.view import RequestView
 
 __all__ = ["DEFAULT_ENV_METADATA", "FEEDBACK_SECRET_ENV", "Options", "OptionsError"]
 
@@ -54,8 +52,8 @@ _RESERVED_PREFIXES = ("content-", "access-control-", "proxy-", "sec-")
 # RFC 9110 token: what a header field name may be.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
-RequestHook = Callable[["RequestView"], "Mapping[str, Mapping[str, str]] | None"]
-UserResolver = Callable[["RequestView"], "str | None"]
+RequestHook = Callable[[RequestView], "Mapping[str, Mapping[str, str]] | None"]
+UserResolver = Callable[[RequestView], "str | None"]
 #: redact(field, value) -> the value to record, or None to record nothing.
 Redactor = Callable[[str, str], "str | None"]
 
@@ -152,8 +150,11 @@ class Options:
     exclude_paths: Sequence[str] = ()
     #: Share of the other requests that are traced; the rest run with MLflow tracing off.
     sample_ratio: float = 1.0
-    #: At ASGI lifespan shutdown, wait this long for pending traces to reach MLflow.
+    #: At shutdown (SIGTERM, ASGI lifespan), wait this long for pending traces to reach MLflow.
     shutdown_flush_seconds: float = 10.0
+    #: How long after start-up requests may wait for the experiment to be resolved (an ASGI
+    #: lifespan startup waits instead), so that a cold start traces its first requests.
+    startup_wait_seconds: float = 10.0
     #: The request's user id. None: the framework's authenticated user (Django request.user,
     #: Starlette scope["user"], Flask-Login), else the user header if trusted.
     user_resolver: UserResolver | None = None
@@ -236,9 +237,10 @@ class Options:
         wait = self.feedback_wait_seconds
         if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 3600:
             raise OptionsError(f"feedback_wait_seconds: expected 0-3600 seconds, got {wait!r}")
-        flush = self.shutdown_flush_seconds
-        if isinstance(flush, bool) or not isinstance(flush, int | float) or not 0 <= flush <= 600:
-            raise OptionsError(f"shutdown_flush_seconds: expected 0-600 seconds, got {flush!r}")
+        for name in ("shutdown_flush_seconds", "startup_wait_seconds"):
+            seconds = getattr(self, name)
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds <= 600:
+                raise OptionsError(f"{name}: expected 0-600 seconds, got {seconds!r}")
         ratio = self.sample_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
             raise OptionsError(f"sample_ratio: expected a number from 0 to 1, got {ratio!r}")

@@ -10,28 +10,41 @@ run), MLflow finds one for every trace, and on several versions for every export
   IPython's modules each time (0.3-0.4 ms per trace); the lean package has no providers (they
   need PyYAML) and traced nothing.
 
-The middleware settles it once, as the app would: in a thread it waits for at most
-STARTUP_WAIT s when built, it makes that experiment the process's active one with
-`mlflow.set_experiment` (creating a named one that is missing, as MLflow does), after which MLflow
-takes its cheap path. Meanwhile root spans are given the id when it is known without a lookup (an
-_ID, the default "0"); a name not resolved yet means requests are served untraced, retried every
-RETRY_SECONDS. An experiment the app sets in code, at any time, wins.
+The middleware settles it once, as the app would: in a thread started when it is built, it makes
+that experiment the process's active one with `mlflow.set_experiment` (creating a named one that
+is missing, as MLflow does), after which MLflow takes its cheap path. Meanwhile root spans are
+given the id when it is known without a lookup (an _ID, the default "0"). A name not resolved yet
+holds requests back until it is, for at most `startup_wait_seconds` after the middleware was built
+(ASGI: the lifespan startup waits instead, before the server takes traffic), so that a cold start
+traces its first request; past that, requests are served untraced (said once, loudly; retried
+every RETRY_SECONDS) and `tracing_status()` says why. An experiment the app sets in code wins.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from dataclasses import dataclass
 
 from mlflow_ctx_mw import _mlflow
 from mlflow_ctx_mw._logonce import log_once
 from mlflow_ctx_mw.config import Options
 from mlflow_ctx_mw.export import watch_exports
 
-__all__ = ["UNRESOLVED", "app_experiment", "configure_destination", "experiment_for_span", "flush_pending"]
+__all__ = [
+    "UNRESOLVED",
+    "TracingStatus",
+    "app_experiment",
+    "configure_destination",
+    "experiment_for_span",
+    "startup_wait",
+    "tracing_status",
+    "wait_until_ready",
+]
 
+logger = logging.getLogger("mlflow_ctx_mw")
 RETRY_SECONDS = 30.0
-STARTUP_WAIT = 2.0
 #: experiment_for_span(): the environment names an experiment not resolved yet.
 UNRESOLVED = "<unresolved>"
 
@@ -46,14 +59,17 @@ class _Adoption:
         self._busy = False
         self._next_try = 0.0
         self.settled = threading.Event()  # an attempt finished (either way); start-up waits on it
+        #: Why the last attempt failed (for tracing_status), or None.
+        self.failure: str | None = None
+
+    @property
+    def busy(self) -> bool:
+        """An attempt is under way."""
+        return self._busy
 
     def span_experiment(self, fallback: str) -> str:
         self.start(fallback)
-        if self.known is None:
-            log_once("env-experiment-wait", "experiment from MLFLOW_EXPERIMENT_NAME/_ID not resolved "
-                     "yet: serving requests untraced until it is", exc_info=False)  # fmt: skip
-            return UNRESOLVED
-        return self.known
+        return UNRESOLVED if self.known is None else self.known
 
     def start(self, fallback: str) -> None:
         with self._lock:
@@ -69,9 +85,11 @@ class _Adoption:
     def _adopt(self, fallback: str) -> None:
         try:
             self.known = _mlflow.adopt_experiment(fallback) or self.known
-        except Exception:
+            self.failure = None
+        except Exception as exc:
             log_once(f"adopt-{fallback}", "could not settle the experiment MLflow would use "
                      "(MLFLOW_EXPERIMENT_NAME/_ID, or the default); retrying later")  # fmt: skip
+            self.failure = f"{type(exc).__name__}: {str(exc)[:200]}"
             self._next_try = time.monotonic() + RETRY_SECONDS
         finally:
             self._busy = False
@@ -79,6 +97,17 @@ class _Adoption:
 
 
 ADOPTION = _Adoption()
+
+
+class _Startup:
+    """Until when a request without a destination may wait for one (set when built)."""
+
+    def __init__(self) -> None:
+        self.deadline = 0.0
+        self.ready = False  # settled once: the fast path for every later request
+
+
+STARTUP = _Startup()
 
 
 class _TrackingUri:
@@ -113,6 +142,7 @@ def configure_destination(options: Options) -> None:
         _mlflow.cache_missing_imports()
     except Exception:
         log_once("imports", "could not check MLflow's optional modules")
+    STARTUP.deadline = max(STARTUP.deadline, time.monotonic() + options.startup_wait_seconds)
     if TRACKING_URI.check():
         return
     if options.experiment_id is not None:
@@ -125,9 +155,56 @@ def configure_destination(options: Options) -> None:
         fallback = _mlflow.experiment_fallback()
         if fallback is not None:
             ADOPTION.start(fallback)
-            ADOPTION.settled.wait(STARTUP_WAIT)
     except Exception:
         log_once("experiment-check", "could not tell where MLflow sends traces; leaving it to MLflow")
+
+
+def startup_wait() -> float:
+    """Seconds a request should still wait for the destination to be settled (0: go on)."""
+    if STARTUP.ready:
+        return 0.0
+    if experiment_for_span() is not UNRESOLVED:
+        STARTUP.ready = True
+        return 0.0
+    left = STARTUP.deadline - time.monotonic()
+    if left <= 0 or not ADOPTION.busy:  # out of time, or the attempt failed: no use waiting
+        log_once("not-ready", f"tracing is not ready after start-up ({tracing_status().detail}): requests "
+                 "are served untraced until it is; mlflow_ctx_mw.tracing_status() tells",
+                 exc_info=False, level=logging.ERROR)  # fmt: skip
+        return 0.0
+    return left
+
+
+def wait_until_ready(timeout: float) -> None:
+    """Block (a worker thread, never an event loop) until the destination is settled, the attempt
+    to settle it failed, or `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0 and ADOPTION.busy:
+        ADOPTION.settled.wait(min(left, 0.5))
+
+
+@dataclass(frozen=True)
+class TracingStatus:
+    """Whether requests are traced now, into which experiment, and if not, why."""
+
+    ready: bool
+    experiment_id: str | None
+    detail: str
+
+
+def tracing_status() -> TracingStatus:
+    """For a readiness probe: a server may take traffic before tracing can (the tracking server
+    down at start-up, an experiment name not resolved yet, no tracking server configured)."""
+    if TRACKING_URI.missing:
+        return TracingStatus(False, None, "no MLflow tracking server configured (MLFLOW_TRACKING_URI)")
+    if experiment_for_span() is UNRESOLVED:
+        reason = ADOPTION.failure or "still resolving"
+        return TracingStatus(False, None, f"experiment from MLFLOW_EXPERIMENT_NAME not resolved: {reason}")
+    try:
+        experiment = _mlflow.configured_experiment() or ADOPTION.known
+    except Exception:
+        experiment = None
+    return TracingStatus(True, experiment, "tracing")
 
 
 def experiment_for_span() -> str | None:
@@ -155,28 +232,3 @@ def app_experiment(options: Options) -> str | None:
     except Exception:
         log_once("app-experiment", "could not tell which experiment this app traces to")
         return None
-
-
-def flush_pending(timeout: float) -> bool:
-    """Send what MLflow still holds, waiting at most `timeout` s; True if it all went out.
-
-    uvicorn re-raises SIGTERM after its graceful shutdown, so atexit never runs and buffered
-    traces would be lost (mlflow #21865): the ASGI adapter calls this at lifespan shutdown.
-    """
-    done = threading.Event()
-
-    def flush() -> None:
-        try:
-            _mlflow.flush_export()
-        except Exception:
-            log_once("flush", "MLflow failed to flush pending traces at shutdown")
-        finally:
-            done.set()
-
-    threading.Thread(target=flush, name="mlflow-ctx-flush", daemon=True).start()
-    if not done.wait(timeout):
-        log_once(
-            "flush-timeout", f"pending traces not flushed within {timeout:g}s at shutdown", exc_info=False
-        )
-        return False
-    return True

@@ -10,20 +10,18 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from mlflow_ctx_mw._logonce import log_once
 from mlflow_ctx_mw.config import Options
 from mlflow_ctx_mw.users import ANONYMOUS, authenticated_user
+from mlflow_ctx_mw.view import RequestView
 
 __all__ = [
     "MAX_ID_LENGTH",
     "MAX_METADATA_LENGTH",
     "MAX_TAG_LENGTH",
     "RequestContext",
-    "RequestView",
     "build_context",
     "clean_id",
     "clean_text",
@@ -44,21 +42,6 @@ _ID = re.compile(r"^[\x21\x23-\x26\x28-\x5b\x5d-\x5f\x61-\x7e]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 logger = logging.getLogger("mlflow_ctx_mw")
-
-
-@dataclass(frozen=True)
-class RequestView:
-    """A framework-neutral look at one request, given to user hooks."""
-
-    method: str
-    path: str
-    query_string: str
-    #: Case-insensitive or lower-case-keyed header mapping.
-    headers: Mapping[str, str]
-    #: The framework's own request object (ASGI scope, WSGI environ, Django HttpRequest).
-    native: Any = None
-    #: The peer's address (for trusted-peer rules), when the server gives it.
-    client: str | None = None
 
 
 @dataclass

@@ -9,10 +9,9 @@ at all: only then may the header name the user by default (`trust_user_header`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from mlflow_ctx_mw.mapper import RequestView
+from mlflow_ctx_mw.view import RequestView
 
 __all__ = ["ANONYMOUS", "authenticated_user", "flask_login_user", "name_of"]
 

@@ -1,28 +1,28 @@
 """WSGI middleware (Flask, any WSGI app): `app.wsgi_app = MlflowContextMiddleware(app.wsgi_app)`.
 
-The span ends when the server closes the response iterable, so streamed bodies are covered.
-A streamed body is iterated after the app returned, outside our context: each chunk is produced
-with the root span re-attached, so @mlflow.trace code inside a generator still nests under it.
+The span ends when the server closes the response iterable, so streamed bodies are covered; each
+chunk is produced with the span current. Decisions and state live in the request protocol
+(span.py); this file translates WSGI calls into its events.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any
 
-from werkzeug.datastructures import EnvironHeaders
-
+from mlflow_ctx_mw import _wsgi
+from mlflow_ctx_mw._wsgi import Environ
 from mlflow_ctx_mw.config import Options
-from mlflow_ctx_mw.destination import configure_destination
-from mlflow_ctx_mw.feedback import FeedbackEndpoint, FeedbackRequest, is_endpoint, read_limited
-from mlflow_ctx_mw.mapper import RequestView, resolve_user
-from mlflow_ctx_mw.span import RequestSpan
+from mlflow_ctx_mw.destination import startup_wait, wait_until_ready
+from mlflow_ctx_mw.feedback import FeedbackEndpoint, FeedbackRequest, read_limited
+from mlflow_ctx_mw.mapper import resolve_user
+from mlflow_ctx_mw.span import Decision, RequestSpan, decide, prepare
 from mlflow_ctx_mw.users import flask_login_user
+from mlflow_ctx_mw.view import RequestView
 
 __all__ = ["MlflowContextMiddleware"]
 
-Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
@@ -39,50 +39,53 @@ class MlflowContextMiddleware:
             options, default_secret=secret if isinstance(secret, str) else None, **kwargs
         )
         self.feedback = FeedbackEndpoint(self.options)
-        configure_destination(self.options)
+        prepare(self.options)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        if self.options.excluded(environ.get("PATH_INFO", "")):
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        decision = decide(self.options, path, environ.get("RAW_URI") or environ.get("REQUEST_URI"))
+        if decision is Decision.PASS:
             return self.app(environ, start_response)
-        if _is_feedback(self.options, environ) and (answered := self._feedback(environ, start_response)):
+        view = _wsgi.view(environ)
+        if decision is Decision.FEEDBACK and (answered := self._feedback(view, start_response)):
             return answered
-        rs = RequestSpan.open(self.options, _view, environ)
+        if (wait := startup_wait()) > 0:  # a cold start: the first requests wait (bounded)
+            wait_until_ready(wait)
+        rs = RequestSpan.start(self.options, view)
         if rs is None:
             return self.app(environ, start_response)
+        learn_user = self.options.user_resolver is None
 
         def start_response_with_context(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
-            code = status.split(" ", 1)[0]
-            rs.status_code = int(code) if code.isdigit() else None
             # Flask clears environ["werkzeug.request"] when its request context pops: read now,
             # and Flask-Login's user, which exists only inside that context.
-            rs.route = _route(environ)
-            if self.options.user_resolver is None:
-                rs.learn_user(flask_login_user())
+            rs.route = _wsgi.route(environ)
+            code = status.split(" ", 1)[0]
+            rs.response_started(
+                int(code) if code.isdigit() else None, flask_login_user() if learn_user else None
+            )
             return start_response(status, rs.apply_headers(headers), *exc_info)
 
-        rs.resolve_route = lambda: _route(environ)
-        with rs:
-            body = self.app(environ, start_response_with_context)
-        if isinstance(body, (list, tuple)) or _is_file_wrapper(environ, body):
-            # Already complete, or a file the server may send natively: keep it intact.
-            rs.complete = True
+        rs.resolve_route = lambda: _wsgi.route(environ)
+        try:
+            with rs:
+                body = self.app(environ, start_response_with_context)
+        except BaseException:
             rs.finish()
+            raise
+        if isinstance(body, (list, tuple)) or _wsgi.is_file_wrapper(environ, body):
+            rs.body_done()  # already complete, or a file the server may send natively: kept intact
             return body
-        return _ClosingBody(body, rs)
+        return _wsgi.ClosingBody(body, rs)
 
-    def _feedback(self, environ: Environ, start_response: StartResponse) -> list[bytes] | None:
-        """The built-in endpoint (no MLflow call: the rating is delivered in the background)."""
-        options = self.options
-        view = _view(environ)
+    def _feedback(self, view: RequestView, start_response: StartResponse) -> list[bytes] | None:
+        """The built-in endpoint; None: not ours (a CORS preflight we were not asked to answer)."""
         body: bytes | None = b""
-        if view.method == "POST":
-            stream = environ.get("wsgi.input")
-            read = stream.read if stream is not None else (lambda n: b"")
-            body = read_limited(read, environ.get("CONTENT_LENGTH"), options.feedback_max_bytes)
-        answer = self.feedback.answer(
-            FeedbackRequest(view.method, view.headers, body, view.client, self._user(view))
-        )
-        if answer is None:
+        environ = view.native
+        if view.method == "POST" and (stream := environ.get("wsgi.input")) is not None:
+            body = read_limited(stream.read, environ.get("CONTENT_LENGTH"), self.options.feedback_max_bytes)
+        request = FeedbackRequest(view.method, view.headers, body, view.client, self._user(view))
+        if (answer := self.feedback.answer(request)) is None:
             return None
         status, headers, payload = answer
         if status != 204:
@@ -99,62 +102,3 @@ class MlflowContextMiddleware:
                 return resolve_user(self.options, view)
         except Exception:  # a broken session or user loader: nobody logged in
             return None
-
-
-class _ClosingBody:
-    """Passes the body through chunk by chunk; ends the span on close() (PEP 3333 guarantees it)."""
-
-    __slots__ = ("_body", "_chunks", "_rs")
-
-    def __init__(self, body: Iterable[bytes], rs: RequestSpan) -> None:
-        self._body = body
-        self._chunks: Iterator[bytes] | None = None
-        self._rs = rs
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._chunks is None:
-            self._chunks = iter(self._body)
-        return self._rs.next_chunk(self._chunks)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._rs.finish()
-
-
-def _is_feedback(options: Options, environ: Environ) -> bool:
-    """The endpoint's path, exactly as the client sent it (not %2F-encoded, no doubled slash)."""
-    target = options.feedback_path
-    if target is None or environ.get("PATH_INFO") != target:
-        return False
-    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
-    return is_endpoint(raw, environ.get("SCRIPT_NAME", "") + target)
-
-
-def _is_file_wrapper(environ: Environ, body: object) -> bool:
-    wrapper = environ.get("wsgi.file_wrapper")
-    return isinstance(wrapper, type) and isinstance(body, wrapper)
-
-
-def _view(environ: Environ) -> RequestView:
-    return RequestView(
-        method=environ.get("REQUEST_METHOD", "GET"),
-        path=environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
-        query_string=environ.get("QUERY_STRING", ""),
-        headers=cast("Mapping[str, str]", EnvironHeaders(environ)),  # a case-insensitive lookup
-        native=environ,
-        client=environ.get("REMOTE_ADDR"),
-    )
-
-
-def _route(environ: Environ) -> str | None:
-    """Flask/werkzeug's matched rule, when the app parsed a request of this environ."""
-    request = environ.get("werkzeug.request")
-    rule = getattr(getattr(request, "url_rule", None), "rule", None)
-    return rule if isinstance(rule, str) else None

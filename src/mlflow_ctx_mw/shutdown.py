@@ -1,0 +1,129 @@
+"""Every answered request's trace reaches MLflow before the process ends, under every server.
+
+MLflow sends what it still holds from an `atexit` hook, which runs only when the interpreter
+exits normally. What servers do on SIGTERM (tests/test_shutdown.py):
+- gunicorn's sync and threaded workers exit with sys.exit: MLflow's own hook runs;
+- uvicorn re-raises SIGTERM after its graceful shutdown (mlflow #21865): the process dies of the
+  signal. The ASGI middleware flushes at lifespan `shutdown.complete`, but Django's ASGI handler
+  does not speak the lifespan protocol, nor does an app served with `--lifespan off`;
+- waitress installs no SIGTERM handler: the default action kills the process at once;
+- gunicorn's uvicorn workers reset SIGTERM to the default before uvicorn takes it over, and
+  uvicorn gives the default back before it re-raises;
+- granian's workers are multiprocessing children, which end with os._exit: atexit never runs
+  there, multiprocessing's own finalizers do;
+- hypercorn stops its loop and exits normally: MLflow's hook runs.
+
+So, once per process, the middleware registers a flush with multiprocessing's finalizers (run at
+a normal exit too), and, from the main thread (where Python runs signal handlers), puts a handler
+in front of whatever handles SIGTERM. On the signal the server's own
+handler runs as before, then: if no request is being answered, the flush runs at once (blocking
+the signal handler, bounded); else the last request to finish runs it before its task ends, which
+a server's graceful shutdown waits for. Where the default action would kill the process, the flush
+runs first, after the requests in flight (bounded), and the signal is raised again.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.util
+import os
+import signal
+import threading
+from typing import Any
+
+from mlflow_ctx_mw import _mlflow
+from mlflow_ctx_mw._logonce import log_once
+
+__all__ = ["IN_FLIGHT", "flush_pending", "install_shutdown_flush"]
+
+
+def flush_pending(timeout: float) -> bool:
+    """Send what MLflow still holds, waiting at most `timeout` s; True if it all went out."""
+    done = threading.Event()
+
+    def flush() -> None:
+        try:
+            _mlflow.flush_export()
+        except Exception:
+            log_once("flush", "MLflow failed to flush pending traces at shutdown")
+        finally:
+            done.set()
+
+    threading.Thread(target=flush, name="mlflow-ctx-flush", daemon=True).start()
+    if not done.wait(timeout):
+        log_once(
+            "flush-timeout", f"pending traces not flushed within {timeout:g}s at shutdown", exc_info=False
+        )
+        return False
+    return True
+
+
+class _InFlight:
+    """Root spans started and not finished yet; once SIGTERM has come, the last one to finish
+    flushes (inside its request, which the server's graceful shutdown waits for)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition(threading.Lock())
+        #: The flush timeout once SIGTERM has come; None before.
+        self.stopping: float | None = None
+
+    def enter(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._idle:
+            self._count -= 1
+            last = self._count <= 0
+            if last:
+                self._idle.notify_all()
+        if last and self.stopping is not None:
+            flush_pending(self.stopping)
+
+    def idle(self) -> bool:
+        return self._count <= 0
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count <= 0, timeout)
+
+
+IN_FLIGHT = _InFlight()
+_installed = False
+
+
+def install_shutdown_flush(timeout: float) -> None:
+    """Put our SIGTERM handler in front of the current one, once per process (main thread only:
+    elsewhere the lifespan flush and atexit are what there is)."""
+    global _installed
+    if _installed or timeout <= 0:
+        return
+    _installed = True
+
+    def at_exit() -> None:  # a multiprocessing child's last act before os._exit; else atexit
+        IN_FLIGHT.wait_idle(timeout)
+        flush_pending(timeout)
+
+    multiprocessing.util.Finalize(None, at_exit, exitpriority=100)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            IN_FLIGHT.stopping = timeout
+            if callable(previous):
+                try:
+                    previous(signum, frame)  # the server's graceful shutdown begins
+                finally:
+                    if IN_FLIGHT.idle():
+                        flush_pending(timeout)
+            elif previous != signal.SIG_IGN:  # the default action: die, but after the flush
+                IN_FLIGHT.wait_idle(timeout)
+                flush_pending(timeout)
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except Exception:
+        log_once("sigterm", "could not watch SIGTERM; pending traces may be lost at shutdown")
