@@ -8,7 +8,6 @@ import contextlib
 import http.server
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -75,14 +74,19 @@ class _Broken(http.server.BaseHTTPRequestHandler):
         pass
 
 
+#: mode -> seconds the fake server takes to answer 503 (None: a closed port).
+BROKEN_MODES = {"down": None, "5xx": 0.0, "slow": 3.0, "hang": 3600.0}
+
+
 @contextmanager
 def broken_tracking_server(mode: str) -> Iterator[str]:
-    """ "down": a closed port; "5xx": answers 503 at once; "slow": answers 503 after 3 s."""
+    """ "down": a closed port; "5xx": 503 at once; "slow": 503 after 3 s; "hang": never answers."""
     port = free_port()
-    if mode == "down":
+    delay = BROKEN_MODES[mode]
+    if delay is None:
         yield f"http://127.0.0.1:{port}"
         return
-    handler = type("Handler", (_Broken,), {"delay": 3.0 if mode == "slow" else 0.0})
+    handler = type("Handler", (_Broken,), {"delay": delay})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     server.handle_error = lambda request, address: None  # type: ignore[method-assign]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -93,41 +97,35 @@ def broken_tracking_server(mode: str) -> Iterator[str]:
         server.shutdown()
 
 
-def timed_get(client: httpx.Client, url: str) -> float:
-    start = time.perf_counter()
-    response = client.get(url, headers={"X-User-ID": "outage", "X-Session-ID": "s"})
-    assert response.status_code == 200 and response.json() == {"value": 10}
-    return time.perf_counter() - start
+def broken_env(tracking: str) -> dict[str, str]:
+    return {
+        "MLFLOW_TRACKING_URI": tracking,
+        "MLFLOW_CTX_EXPERIMENT_ID": "0",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    }
 
 
 @pytest.mark.scenario
 @pytest.mark.parametrize(
-    ("mode", "kind"), [("down", "fastapi"), ("down", "flask"), ("5xx", "fastapi"), ("slow", "fastapi")]
-)
-def test_requests_succeed_at_normal_speed_when_mlflow_fails(mode: str, kind: str, tmp_path: Path) -> None:
-    with broken_tracking_server(mode) as tracking:
-        env = {
-            "MLFLOW_TRACKING_URI": tracking,
-            "MLFLOW_CTX_EXPERIMENT_ID": "0",
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-        }
-        with (
-            app_process(kind, tmp_path, env, name="traced") as (traced, _, traced_log),
-            app_process(kind, tmp_path, env, bare=True, name="bare") as (bare, _, _),
-            httpx.Client(timeout=30) as client,
-        ):
-            on, off = [], []
-            for _ in range(5):  # warm-up
-                timed_get(client, traced + "/items/5")
-                timed_get(client, bare + "/items/5")
-            for _ in range(60):  # interleaved: both see the same machine noise
-                on.append(timed_get(client, traced + "/items/5"))
-                off.append(timed_get(client, bare + "/items/5"))
-        assert statistics.median(on) < 2 * statistics.median(off) + 0.002, (
-            statistics.median(on),
-            statistics.median(off),
-        )
-    lines = traced_log.read_text(errors="replace").splitlines()
+    ("mode", "kind"), [("down", "fastapi"), ("down", "flask"), ("5xx", "fastapi"), ("hang", "fastapi"),
+                       ("hang", "flask")]
+)  # fmt: skip
+def test_requests_are_served_while_mlflow_fails(mode: str, kind: str, tmp_path: Path) -> None:
+    """Fail-open: no request waits on a tracking server that is down, failing or never answers.
+    A request that did would hang with "hang" (the client's 60 s timeout is a hang detector, not a
+    speed bound); the latency cost is measured in bench/outage.py."""
+    trace_ids = set()
+    with (
+        broken_tracking_server(mode) as tracking,
+        app_process(kind, tmp_path, broken_env(tracking)) as (url, _, log),
+        httpx.Client(timeout=60) as client,
+    ):
+        for i in range(60):
+            response = client.get(f"{url}/items/5", headers={"X-User-ID": "outage", "X-Session-ID": f"s{i}"})
+            assert response.status_code == 200 and response.json() == {"value": 10}
+            trace_ids.add(response.headers.get("X-Trace-ID"))
+    assert None not in trace_ids and len(trace_ids) == 60  # each traced (and lost: issue 15)
+    lines = log.read_text(errors="replace").splitlines()
     warnings = [line for line in lines if "WARNING" in line or "ERROR" in line]
     assert len(warnings) <= 4, warnings  # once per kind of failure, never once per request
 

@@ -1,14 +1,17 @@
 """Django plumbing for the middleware in django.py: the request as a RequestView, its route, its
-user (lazy, and async-unsafe to load), and streamed bodies produced with the span current."""
+user (lazy, and async-unsafe to load), the feedback endpoint's answer as an HttpResponse, and
+streamed bodies produced with the span current."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.functional import empty
 
+from mlflow_ctx_mw.feedback import FeedbackEndpoint, FeedbackRequest, read_limited
+from mlflow_ctx_mw.mapper import resolve_user
 from mlflow_ctx_mw.span import RequestSpan
 from mlflow_ctx_mw.users import name_of
 from mlflow_ctx_mw.view import RequestView
@@ -55,6 +58,25 @@ def load_user(request: HttpRequest) -> None:
 def user(request: HttpRequest) -> str | None:
     """The authenticated user (name or ANONYMOUS), or None where the app has no authentication."""
     return name_of(request.user) if hasattr(request, "user") else None
+
+
+def feedback(endpoint: FeedbackEndpoint, request: HttpRequest) -> HttpResponse | None:
+    """The built-in endpoint's answer; Django's CSRF check does not run for it (no view does): the
+    endpoint's own checks stand in. None: not ours (a CORS preflight we were not asked to answer)."""
+    options = endpoint.options
+    req = view(request)
+    body: bytes | None = b""
+    if request.method == "POST":
+        body = read_limited(request.read, request.META.get("CONTENT_LENGTH"), options.feedback_max_bytes)
+    user = resolve_user(options, req)
+    answer = endpoint.answer(FeedbackRequest(req.method, req.headers, body, req.client, user))
+    if answer is None:
+        return None
+    status, headers, payload = answer
+    response = HttpResponse(payload, status=status)
+    for name, value in headers:
+        response[name] = value
+    return response
 
 
 def stream_with_span(response: HttpResponseBase, rs: RequestSpan) -> None:

@@ -14,13 +14,12 @@ from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.http import HttpRequest, HttpResponseBase
 
 from mlflow_ctx_mw import _django
 from mlflow_ctx_mw.config import Options
 from mlflow_ctx_mw.destination import startup_wait, wait_until_ready
-from mlflow_ctx_mw.feedback import FeedbackEndpoint, FeedbackRequest, read_limited
-from mlflow_ctx_mw.mapper import resolve_user
+from mlflow_ctx_mw.feedback import FeedbackEndpoint
 from mlflow_ctx_mw.span import Decision, RequestSpan, decide, prepare
 
 __all__ = ["MlflowContextMiddleware"]
@@ -49,8 +48,8 @@ class MlflowContextMiddleware:
         decision = decide(self.options, request.path, _django.raw_path(request))
         if decision is Decision.PASS:
             return self.get_response(request)
-        if decision is Decision.FEEDBACK and (answered := self._feedback(request)) is not None:
-            return answered
+        if decision is Decision.FEEDBACK and (answer := _django.feedback(self.feedback, request)) is not None:
+            return answer
         if (wait := startup_wait()) > 0:  # a cold start: the first requests wait (bounded)
             wait_until_ready(wait)
         if (rs := self._start(request)) is None:
@@ -71,8 +70,8 @@ class MlflowContextMiddleware:
         # async code (SynchronousOnlyOperation): load it in a thread, as its auser() does.
         if _django.lazy_user(request):
             await sync_to_async(_django.load_user)(request)
-        if decision is Decision.FEEDBACK and (answered := self._feedback(request)) is not None:
-            return answered
+        if decision is Decision.FEEDBACK and (answer := _django.feedback(self.feedback, request)) is not None:
+            return answer
         if (wait := startup_wait()) > 0:
             await sync_to_async(wait_until_ready, thread_sensitive=False)(wait)
         if (rs := self._start(request)) is None:
@@ -110,23 +109,4 @@ class MlflowContextMiddleware:
         # The body is consumed after we return: keep the span current while it is produced and end
         # it when the server closes the response (after the last chunk or a client disconnect).
         _django.stream_with_span(response, rs)
-        return response
-
-    def _feedback(self, request: HttpRequest) -> HttpResponse | None:
-        """The built-in endpoint; Django's CSRF check does not run for it (no view does): the
-        endpoint's own checks stand in. None: not ours (a CORS preflight we were not asked to
-        answer)."""
-        view = _django.view(request)
-        body: bytes | None = b""
-        if request.method == "POST":
-            limit = self.options.feedback_max_bytes
-            body = read_limited(request.read, request.META.get("CONTENT_LENGTH"), limit)
-        user = resolve_user(self.options, view)
-        answer = self.feedback.answer(FeedbackRequest(view.method, view.headers, body, view.client, user))
-        if answer is None:
-            return None
-        status, headers, payload = answer
-        response = HttpResponse(payload, status=status)
-        for name, value in headers:
-            response[name] = value
         return response
