@@ -5,8 +5,10 @@ start-up), MLFLOW_CTX_BARE=1 (no middleware), MLFLOW_CTX_OPTIONS (JSON: more mid
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mlflow
 
 import apps
+
+# A test that finds a server hung sends SIGUSR1: every thread's stack goes to the server's log.
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 EXTRA = (
     {"experiment_id": os.environ["MLFLOW_CTX_EXPERIMENT_ID"]}

@@ -15,15 +15,17 @@ exits normally. What servers do on SIGTERM (tests/test_shutdown.py):
 
 So, once per process, the middleware registers a flush with multiprocessing's finalizers (run at
 a normal exit too), and, from the main thread (where Python runs signal handlers), puts a handler
-in front of whatever handles SIGTERM. On the signal the server's own
-handler runs as before, then: if no request is being answered, the flush runs at once (blocking
-the signal handler, bounded); else the last request to finish runs it before its task ends, which
-a server's graceful shutdown waits for. Where the default action would kill the process, the flush
-runs first, after the requests in flight (bounded), and the signal is raised again.
+in front of whatever handles SIGTERM. On the signal the server's own handler runs as before,
+then: if no request is being answered, the flush runs (on the event loop's next turn, blocking it,
+bounded; never inside the handler, see _flush_when_safe); else the last request to finish runs it
+before its task ends, which a server's graceful shutdown waits for. Where the default action would
+kill the process, a thread waits for the requests in flight and the flush (bounded), then raises
+the signal again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing.util
 import os
 import signal
@@ -92,6 +94,35 @@ IN_FLIGHT = _InFlight()
 _installed = False
 
 
+def _flush_if_idle(timeout: float) -> None:
+    if IN_FLIGHT.idle():  # else the last request in flight flushes as it ends
+        flush_pending(timeout)
+
+
+def _flush_when_safe(timeout: float) -> None:
+    """Not in the signal handler itself: the code it interrupted may hold a lock the flush needs
+    (seen: Django's ASGI handler inside ThreadPoolExecutor.submit, holding the lock every
+    executor shares, MLflow's export consumer among them). On an event loop the flush runs on
+    the loop's next turn, blocking it before the server's shutdown coroutine can finish; without
+    one, in a thread (such servers then exit normally, and the exit hooks flush as well)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        _in_thread(_flush_if_idle, timeout)
+    else:
+        loop.call_soon_threadsafe(_flush_if_idle, timeout)
+
+
+def _flush_then_die(signum: int, timeout: float) -> None:
+    IN_FLIGHT.wait_idle(timeout)
+    flush_pending(timeout)
+    os.kill(os.getpid(), signum)  # the handler set the default action back: this ends the process
+
+
+def _in_thread(target: Any, *args: Any) -> None:
+    threading.Thread(target=target, args=args, name="mlflow-ctx-shutdown", daemon=True).start()
+
+
 def install_shutdown_flush(timeout: float) -> None:
     """Put our SIGTERM handler in front of the current one, once per process (main thread only:
     elsewhere the lifespan flush and atexit are what there is)."""
@@ -116,13 +147,10 @@ def install_shutdown_flush(timeout: float) -> None:
                 try:
                     previous(signum, frame)  # the server's graceful shutdown begins
                 finally:
-                    if IN_FLIGHT.idle():
-                        flush_pending(timeout)
+                    _flush_when_safe(timeout)
             elif previous != signal.SIG_IGN:  # the default action: die, but after the flush
-                IN_FLIGHT.wait_idle(timeout)
-                flush_pending(timeout)
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
+                signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM kills at once
+                _in_thread(_flush_then_die, signum, timeout)
 
         signal.signal(signal.SIGTERM, on_sigterm)
     except Exception:
