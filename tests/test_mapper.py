@@ -131,3 +131,44 @@ def test_asgi_headers_are_lower_cased_and_repeats_joined() -> None:
     assert ctx.user_id is None and ctx.session_id == "s-1"
     single = _view({"type": "http", "headers": iter([(b"X-User-ID", b"alice")])})  # any iterable
     assert build_context(Options(), single).user_id == "alice"
+
+
+def test_a_user_object_that_leaves_attributes_unimplemented_is_still_named() -> None:
+    """Starlette's BaseUser raises NotImplementedError for `identity` where a subclass (its own
+    SimpleUser before 1.x) does not define it: the next attribute names the user."""
+    from starlette.authentication import BaseUser
+
+    from mlflow_ctx_mw.users import name_of
+
+    class OnlyDisplayName(BaseUser):
+        @property
+        def is_authenticated(self) -> bool:
+            return True
+
+        @property
+        def display_name(self) -> str:
+            return "ada"
+
+    assert name_of(OnlyDisplayName()) == "ada"
+
+
+def test_route_template_found_without_scope_route_under_a_mount() -> None:
+    """Starlette < 1.8 leaves the route out of the scope, and its "router" is the outermost one:
+    the template is asked of the router under the middleware, relative to where it is mounted."""
+    from starlette.applications import Starlette
+    from starlette.middleware.exceptions import ExceptionMiddleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    from mlflow_ctx_mw import _asgi
+
+    def endpoint(request: object) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/items/{item_id:int}", endpoint)])
+    outer = Starlette(routes=[Mount("/v1", app=inner)])
+    scope = {"type": "http", "method": "GET", "path": "/v1/items/7", "root_path": "/v1",
+             "endpoint": endpoint, "router": outer.router}  # fmt: skip
+    below = _asgi.router_below(ExceptionMiddleware(inner.router))  # as add_middleware wraps it
+    assert below is inner.router
+    assert _asgi.route(scope, "/v1", below) == "/items/{item_id:int}"

@@ -84,11 +84,12 @@ def view(scope: Scope) -> RequestView:
     )
 
 
-def route(scope: Scope, root_path: str) -> str | None:
+def route(scope: Scope, root_path: str, router: Any = None) -> str | None:
     """The matched route template: FastAPI and Starlette >= 1.8 write the route into the shared
-    scope; older Starlette only its endpoint, so its router is asked again (once, at the end)."""
+    scope; older Starlette only its endpoint, so the router under us (`router_below`; the scope's
+    "router" is the outermost one, above any mount) is asked again, once, at the end."""
     route = scope.get("route")
-    if route is None and "endpoint" in scope and (router := scope.get("router")) is not None:
+    if route is None and "endpoint" in scope and (router := router or scope.get("router")) is not None:
         fresh = {"type": "http", "path": scope.get("path", ""), "root_path": root_path,
                  "method": scope.get("method", "GET")}  # fmt: skip
         return _match(router, fresh)
@@ -97,6 +98,21 @@ def route(scope: Scope, root_path: str) -> str | None:
         return None
     mount = scope.get("root_path", "")[len(root_path) :]
     return f"{mount}{template}"
+
+
+def router_below(app: Any) -> Any:
+    """The first router in the chain of apps and middlewares we wrap (Starlette's middlewares keep
+    the next one in `.app`, an application its router in `.router`), or None."""
+    for _ in range(32):
+        if isinstance(getattr(app, "routes", None), list):
+            return app
+        router = getattr(app, "router", None)
+        if isinstance(getattr(router, "routes", None), list):
+            return router
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
 
 
 def _match(router: Any, scope: Scope) -> str | None:

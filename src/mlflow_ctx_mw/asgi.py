@@ -28,6 +28,7 @@ class MlflowContextMiddleware:
 
     def __init__(self, app: ASGIApp, options: Options | None = None, **kwargs: Any) -> None:
         self.app = app
+        self.router = _asgi.router_below(app)  # for route templates on Starlette < 1.8
         self.options = Options.build(options, **kwargs)
         self.feedback = FeedbackEndpoint(self.options)
         prepare(self.options)
@@ -54,7 +55,7 @@ class MlflowContextMiddleware:
             await self.app(scope, receive, send)
             return
         root_path = scope.get("root_path", "")
-        rs.resolve_route = lambda: _asgi.route(scope, root_path)
+        rs.resolve_route = lambda: _asgi.route(scope, root_path, self.router)
         learn_user = self.options.user_resolver is None
 
         async def send_with_context(message: Message) -> None:

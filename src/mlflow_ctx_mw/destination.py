@@ -160,19 +160,27 @@ def configure_destination(options: Options) -> None:
 
 
 def startup_wait() -> float:
-    """Seconds a request should still wait for the destination to be settled (0: go on)."""
+    """Seconds a request should still wait for the destination to be settled (0: go on).
+
+    Also while an experiment known without a lookup (an id) is being made the active one: a
+    first trace under way as MLflow switches experiments lost its nested spans (3.10)."""
     if STARTUP.ready:
         return 0.0
-    if experiment_for_span() is not UNRESOLVED:
+    if TRACKING_URI.missing_now():  # said once already; nothing to wait for
+        return 0.0
+    resolved = experiment_for_span() is not UNRESOLVED  # starts an attempt when one is due
+    busy = ADOPTION.busy
+    if resolved and not busy:
         STARTUP.ready = True
         return 0.0
     left = STARTUP.deadline - time.monotonic()
-    if left <= 0 or not ADOPTION.busy:  # out of time, or the attempt failed: no use waiting
+    if left > 0 and busy:
+        return left
+    if not resolved:  # out of time, or the attempt failed: no use waiting
         log_once("not-ready", f"tracing is not ready after start-up ({tracing_status().detail}): requests "
                  "are served untraced until it is; mlflow_ctx_mw.tracing_status() tells",
                  exc_info=False, level=logging.ERROR)  # fmt: skip
-        return 0.0
-    return left
+    return 0.0
 
 
 def wait_until_ready(timeout: float) -> None:

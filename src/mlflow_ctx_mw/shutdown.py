@@ -50,7 +50,11 @@ def flush_pending(timeout: float) -> bool:
         finally:
             done.set()
 
-    threading.Thread(target=flush, name="mlflow-ctx-flush", daemon=True).start()
+    try:
+        threading.Thread(target=flush, name="mlflow-ctx-flush", daemon=True).start()
+    except RuntimeError:  # at interpreter exit (3.12+: no new threads): flush here, unbounded
+        flush()
+        return True
     if not done.wait(timeout):
         log_once(
             "flush-timeout", f"pending traces not flushed within {timeout:g}s at shutdown", exc_info=False

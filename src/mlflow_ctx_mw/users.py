@@ -24,9 +24,12 @@ def name_of(user: Any) -> str:
     if user is None or not getattr(user, "is_authenticated", False):
         return ANONYMOUS
     for attribute in ("get_username", "get_id", "identity", "display_name", "username", "id", "pk"):
-        value = getattr(user, attribute, None)
-        if callable(value):
-            value = value()
+        try:  # Starlette's BaseUser raises NotImplementedError for what a subclass leaves out
+            value = getattr(user, attribute, None)
+            if callable(value):
+                value = value()
+        except Exception:
+            continue
         if value not in (None, ""):
             return str(value)
     return ANONYMOUS
