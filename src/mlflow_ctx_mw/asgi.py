@@ -13,7 +13,7 @@ from typing import Any
 from mlflow_ctx_mw import _asgi
 from mlflow_ctx_mw._asgi import ASGIApp, Message, Receive, Scope, Send
 from mlflow_ctx_mw.config import Options
-from mlflow_ctx_mw.destination import startup_wait, wait_until_ready
+from mlflow_ctx_mw.destination import await_ready, startup_wait
 from mlflow_ctx_mw.feedback import FeedbackEndpoint, FeedbackRequest
 from mlflow_ctx_mw.mapper import resolve_user
 from mlflow_ctx_mw.shutdown import flush_pending
@@ -49,7 +49,7 @@ class MlflowContextMiddleware:
         if decision is Decision.FEEDBACK and await self._feedback(view, receive, send):
             return
         if (wait := startup_wait()) > 0:  # a cold start without lifespan: the first requests wait
-            await asyncio.get_running_loop().run_in_executor(None, wait_until_ready, wait)
+            await await_ready(wait)
         rs = RequestSpan.start(self.options, view)
         if rs is None:
             await self.app(scope, receive, send)
@@ -107,7 +107,7 @@ class MlflowContextMiddleware:
         async def send_lifespan(message: Message) -> None:
             kind = message.get("type")
             if kind == "lifespan.startup.complete" and (wait := startup_wait()) > 0:
-                await loop.run_in_executor(None, wait_until_ready, wait)
+                await await_ready(wait)
             elif kind == "lifespan.shutdown.complete" and flush > 0:
                 await loop.run_in_executor(None, flush_pending, flush)
             await send(message)

@@ -22,6 +22,7 @@ every RETRY_SECONDS) and `tracing_status()` says why. An experiment the app sets
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -36,6 +37,7 @@ __all__ = [
     "UNRESOLVED",
     "TracingStatus",
     "app_experiment",
+    "await_ready",
     "configure_destination",
     "experiment_for_span",
     "startup_wait",
@@ -189,6 +191,14 @@ def wait_until_ready(timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0 and ADOPTION.busy:
         ADOPTION.settled.wait(min(left, 0.5))
+
+
+async def await_ready(timeout: float) -> None:
+    """wait_until_ready for an event loop, holding no thread: a burst of first requests would
+    otherwise fill the loop's default executor, which the app's own to_thread calls share."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and ADOPTION.busy:
+        await asyncio.sleep(0.02)
 
 
 @dataclass(frozen=True)

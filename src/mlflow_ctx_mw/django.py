@@ -18,7 +18,7 @@ from django.http import HttpRequest, HttpResponseBase
 
 from mlflow_ctx_mw import _django
 from mlflow_ctx_mw.config import Options
-from mlflow_ctx_mw.destination import startup_wait, wait_until_ready
+from mlflow_ctx_mw.destination import await_ready, startup_wait, wait_until_ready
 from mlflow_ctx_mw.feedback import FeedbackEndpoint
 from mlflow_ctx_mw.span import Decision, RequestSpan, decide, prepare
 
@@ -73,7 +73,7 @@ class MlflowContextMiddleware:
         if decision is Decision.FEEDBACK and (answer := _django.feedback(self.feedback, request)) is not None:
             return answer
         if (wait := startup_wait()) > 0:
-            await sync_to_async(wait_until_ready, thread_sensitive=False)(wait)
+            await await_ready(wait)
         if (rs := self._start(request)) is None:
             return await self.get_response(request)
         try:
