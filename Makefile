@@ -26,8 +26,9 @@ chromium:
 test: lint chromium
 	$(PY) -m pytest -m "not scenario"
 
-# Whole-server scenarios, slower (~3 min): SIGTERM after a burst under each server the README
-# names, memory under sustained load, MLflow down/slow/failing. CI runs them after `make test`.
+# Whole-server scenarios, slower (~10 min): SIGTERM after a burst under each server the README
+# names, memory under sustained load, MLflow down/slow/failing, the tracking server stopped and
+# started again around a redeploy under each adapter (the spool). CI runs them after `make test`.
 scenarios: $(VENV)/.installed
 	$(PY) -m pytest -m scenario
 

@@ -44,12 +44,17 @@ CORE = [
     "tests/test_shutdown.py::test_sigterm_right_after_a_burst_loses_nothing[gunicorn threaded]",
     "tests/test_protocol.py",
     "tests/test_startup.py",
+    # The spool: a trace and a rating while down, sent once; a SIGKILLed process's spool (it
+    # started during an outage: its experiment resolved at replay) sent by the next process.
+    "tests/test_spool.py::test_a_request_and_its_rating_while_down_arrive_once_when_back",
+    "tests/test_outage.py::test_a_killed_process_spool_is_sent_by_the_next_one",
 ]
 SWEEP_CORE = [
     "tests/test_mlflow_contract.py",
     "tests/test_integration.py",
     "tests/test_feedback.py::test_each_value_kind_lands_right_after_the_response",
     "tests/test_feedback.py::test_expectation_by_client_request_id",
+    "tests/test_spool.py::test_a_request_and_its_rating_while_down_arrive_once_when_back",
 ]
 SWEEP_ADAPTERS = "fastapi,flask"
 # The oldest framework releases the extras allow (FastAPI 0.110.0 requires Starlette 0.36.x).

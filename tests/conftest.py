@@ -47,6 +47,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djproj.settings")
 FEEDBACK_SECRET = "tests-feedback-secret-0123456789"
 os.environ.setdefault("MLFLOW_CTX_FEEDBACK_SECRET", FEEDBACK_SECRET)
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+# Every app of the session spools here (a subdirectory per tracking server and experiment).
+os.environ.setdefault("MLFLOW_CTX_SPOOL_DIR", tempfile.mkdtemp(prefix="mlflow-ctx-spool-"))
 # MLflow's batch span processor waits up to 5 s before exporting; tests read traces back at once.
 os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS", "100")
 

@@ -39,6 +39,12 @@ def test_unknown_key_names_the_key_and_the_valid_ones() -> None:
         ({"echo_request_id": "yes"}, "expected a bool"),
         ({"request_hook": "not callable"}, "expected a callable"),
         ({"experiment_id": ""}, "experiment_id"),
+        ({"spool": "yes"}, "spool: expected a bool"),
+        ({"spool_dir": ""}, "spool_dir"),
+        ({"spool_max_bytes": 1000}, "spool_max_bytes: expected an int of at least 1 MiB"),
+        ({"spool_max_age_seconds": 1}, "spool_max_age_seconds: expected 60 to"),
+        ({"spool_replay_per_second": 0}, "spool_replay_per_second"),
+        ({"spool_fsync": 1}, "spool_fsync: expected a bool"),
     ],
 )
 def test_bad_values_fail_at_start_up(kwargs: dict[str, object], message: str) -> None:

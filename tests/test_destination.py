@@ -55,7 +55,8 @@ def app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"ok"]
 
-wrapped = MlflowContextMiddleware(app)
+import os
+wrapped = MlflowContextMiddleware(app, spool=os.environ.get("TEST_SPOOL") != "0")
 at_start = list(calls)
 served = []
 for i in range(20):
@@ -152,19 +153,24 @@ def test_no_experiment_configured_asks_for_the_default_once(mlflow_server: str) 
     assert ids <= landed("0")
 
 
-def test_server_down_serves_untraced_without_a_lookup_per_request() -> None:
-    """MLflow alone would retry the lookup on every request, then drop the trace anyway."""
+@pytest.mark.parametrize("spool", [False, True])
+def test_server_down_at_start_costs_no_lookup_per_request(spool: bool) -> None:
+    """MLflow alone would retry the lookup on every request, then drop the trace anyway. Without
+    the spool the requests are served untraced; with it they are traced into the spool (and sent
+    once the experiment resolves: test_outage.py)."""
     closed = f"http://127.0.0.1:{free_port()}"
     result = run_app(
         {
             "MLFLOW_TRACKING_URI": closed,
             "MLFLOW_EXPERIMENT_NAME": "unreachable",
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+            "TEST_SPOOL": "1" if spool else "0",
         }
     )
     assert [served["status"] for served in result["served"]] == ["200 OK"] * 20
-    assert all(served["trace_id"] is None for served in result["served"])
-    assert Counter(result["at_start"] + result["per_request"])["get_experiment_by_name"] == 1
+    assert all((served["trace_id"] is not None) == spool for served in result["served"])
+    lookups = Counter(result["at_start"] + result["per_request"])["get_experiment_by_name"]
+    assert lookups == 1 if not spool else 1 <= lookups <= 2  # + the spool's probe, if its turn came
     assert result["stderr"].count("tracing is not ready after start-up") == 1
 
 

@@ -167,6 +167,19 @@ PRIVATE = [
     ("mlflow.tracking.fluent", "_active_experiment_id", "has the app set an experiment?"),
     ("mlflow.tracking.default_experiment", "registry.get_experiment_id", "the default, asked once"),
     ("mlflow.tracing.client", "TracingClient.get_trace", "a stored trace, or not yet (feedback)"),
+    # _exporter.py: the spool's hooks
+    ("mlflow.tracing.export.mlflow_v3", "MlflowV3SpanExporter._log_trace", "divert, watch, replay a trace"),
+    (
+        "mlflow.tracing.export.mlflow_v3",
+        "MlflowV3SpanExporter._log_spans",
+        "skip spans a spooled trace carries",
+    ),
+    ("mlflow.tracing.client", "TracingClient.start_trace", "learn that a trace was not stored"),
+    ("mlflow.tracing.client", "TracingClient._upload_trace_data", "nor its spans"),
+    ("mlflow.utils.rest_utils", "http_request", "one brief retry while the spool watches"),
+    ("mlflow.store.tracking.rest_store", "http_request", "the same name, imported there"),
+    ("mlflow.entities", "Trace.from_dict", "a spooled trace back"),
+    ("mlflow.store.tracking.rest_store", "RestStore._get_server_version.cache_clear", "forget an outage"),
 ]
 
 
@@ -200,6 +213,13 @@ def test_private_state_has_the_shape_we_read() -> None:
     source = inspect.getsource(async_export_queue.AsyncTraceExportQueue)
     assert "self._queue" in source
     assert "_async_queue" in inspect.getsource(mlflow_v3.MlflowV3SpanExporter)
+    # The spool's hooks: the tasks it recognises, the calls whose failures it records.
+    assert "handler=self._log_trace" in inspect.getsource(mlflow_v3.MlflowV3SpanExporter)
+    assert list(inspect.signature(mlflow_v3.MlflowV3SpanExporter._log_trace).parameters)[:3] == [
+        "self", "trace", "prompts"
+    ]  # fmt: skip
+    log_trace = inspect.getsource(mlflow_v3.MlflowV3SpanExporter._log_trace)
+    assert "self._client.start_trace(" in log_trace and "_upload_trace_data(" in log_trace
     # The failure warnings our filters count, logged under these names.
     assert logging.getLogger(mlflow_v3.__name__).name == "mlflow.tracing.export.mlflow_v3"
     assert "Failed to" in inspect.getsource(mlflow_v3) + inspect.getsource(async_export_queue)

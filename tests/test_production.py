@@ -124,7 +124,7 @@ def test_requests_are_served_while_mlflow_fails(mode: str, kind: str, tmp_path: 
             response = client.get(f"{url}/items/5", headers={"X-User-ID": "outage", "X-Session-ID": f"s{i}"})
             assert response.status_code == 200 and response.json() == {"value": 10}
             trace_ids.add(response.headers.get("X-Trace-ID"))
-    assert None not in trace_ids and len(trace_ids) == 60  # each traced (and lost: issue 15)
+    assert None not in trace_ids and len(trace_ids) == 60  # each traced (and spooled: test_outage.py)
     lines = log.read_text(errors="replace").splitlines()
     warnings = [line for line in lines if "WARNING" in line or "ERROR" in line]
     assert len(warnings) <= 4, warnings  # once per kind of failure, never once per request

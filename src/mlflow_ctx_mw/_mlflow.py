@@ -275,6 +275,14 @@ def cache_missing_imports() -> list[str]:
     return missing
 
 
+def tracking_uri() -> str:
+    """Where traces go; "" when MLflow cannot say (the lean package without a URI)."""
+    try:
+        return str(mlflow.get_tracking_uri())
+    except Exception:
+        return ""
+
+
 def tracking_uri_usable() -> bool:
     """False when traces cannot go anywhere: the lean package talks only to a tracking server,
     and with no MLFLOW_TRACKING_URI it falls back to a local store it cannot open (or fails to
@@ -454,92 +462,6 @@ def write_assessment(
 def flush_export() -> None:
     """Export what the batch processor holds now (public API; blocks until written)."""
     mlflow.flush_trace_async_logging()
-
-
-def install_drop_hooks(
-    on_export_drop: Any, on_span_drop: Any, on_export_failure: Any, on_trace_evicted: Any
-) -> None:
-    """Call back on every export MLflow discards (its queues are full); idempotent.
-
-    MLflow's async export queue drops a task when full and warns at most once per 30 s; OTel's
-    batch span processor drops a span when its queue is full and warns per span; MLflow's
-    in-memory trace buffer (a cachetools cache) evicts a trace silently when it holds
-    MLFLOW_TRACE_BUFFER_MAX_SIZE. The first and last are counted exactly by giving the queue and
-    the cache a counting class, the second by a log filter.
-    """
-    import logging
-    import queue
-
-    from mlflow.tracing.export.async_export_queue import AsyncTraceExportQueue
-
-    class CountingQueue(queue.Queue):  # type: ignore[type-arg]
-        def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-            try:
-                super().put(item, block, timeout)
-            except queue.Full:
-                on_export_drop()
-                raise
-
-    def count_queue(export_queue: Any) -> None:
-        inner = getattr(export_queue, "_queue", None)
-        if type(inner) is queue.Queue:
-            inner.__class__ = CountingQueue
-
-    if not getattr(AsyncTraceExportQueue.__init__, "_mlflow_ctx_mw", False):
-        original_init: Any = AsyncTraceExportQueue.__init__
-
-        def init(self: Any, *args: Any, **kwargs: Any) -> None:
-            original_init(self, *args, **kwargs)
-            count_queue(self)
-
-        init._mlflow_ctx_mw = True  # type: ignore[attr-defined]
-        AsyncTraceExportQueue.__init__ = init  # type: ignore[method-assign]
-
-    from mlflow.tracing.provider import _get_trace_exporter
-
-    exporter = _get_trace_exporter()
-    if exporter is not None and getattr(exporter, "_async_queue", None) is not None:
-        count_queue(exporter._async_queue)
-
-    class SpanDrops(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if record.getMessage().startswith("Queue full, dropping"):
-                on_span_drop()
-                return False  # replaced by our rate-limited warning
-            return True
-
-    otel_logger = logging.getLogger("opentelemetry.sdk._shared_internal")
-    if not any(type(f).__name__ == "SpanDrops" for f in otel_logger.filters):
-        otel_logger.addFilter(SpanDrops())
-
-    class ExportFailures(logging.Filter):
-        """A down server makes MLflow warn once per trace: count them, let the caller decide."""
-
-        def filter(self, record: logging.LogRecord) -> bool:
-            if record.levelno >= logging.WARNING and record.getMessage().startswith("Failed to"):
-                return bool(on_export_failure())
-            return True
-
-    for name in ("mlflow.tracing.export.mlflow_v3", "mlflow.tracing.export.async_export_queue"):
-        export_logger = logging.getLogger(name)
-        if not any(type(f).__name__ == "ExportFailures" for f in export_logger.filters):
-            export_logger.addFilter(ExportFailures())
-
-    buffer = InMemoryTraceManager.get_instance()._traces
-    if not getattr(type(buffer), "_mlflow_ctx_mw", False):
-
-        class CountingCache(type(buffer)):  # type: ignore[misc]
-            """Cache.__setitem__ calls popitem() only to make room: each call is an eviction."""
-
-            __slots__ = ()
-            _mlflow_ctx_mw = True
-
-            def popitem(self) -> Any:
-                item = super().popitem()
-                on_trace_evicted()
-                return item
-
-        buffer.__class__ = CountingCache
 
 
 def traceparent(span: LiveSpan) -> str:

@@ -148,6 +148,20 @@ class Options:
     #: Paths served untraced (no span, no X-Trace-ID): "/health" exact, "/static/*" prefix,
     #: "^/v[0-9]+/ping$" a regular expression (re.match).
     exclude_paths: Sequence[str] = ()
+    #: Keep what MLflow cannot take now (server down, failing, or behind) on disk, and send it
+    #: when it can: traces, and ratings from the feedback endpoint (README: *Outages*).
+    spool: bool = True
+    #: Default: $MLFLOW_CTX_SPOOL_DIR, else ~/.local/state/mlflow-ctx-mw/spool. A subdirectory per
+    #: tracking server and experiment name; every worker process of the app shares it.
+    spool_dir: str | None = None
+    #: Past either bound the oldest entries are dropped (counted: export_stats().expired_entries).
+    spool_max_bytes: int = 256 * 1024 * 1024
+    spool_max_age_seconds: float = 3 * 86400.0
+    #: Replayed entries per second at most, once the server answers again.
+    spool_replay_per_second: float = 20.0
+    #: fsync each entry: survives a power loss too, not only the process's death (costs a disk
+    #: flush per spooled trace, in the background).
+    spool_fsync: bool = False
     #: Share of the other requests that are traced; the rest run with MLflow tracing off.
     sample_ratio: float = 1.0
     #: At shutdown (SIGTERM, ASGI lifespan), wait this long for pending traces to reach MLflow.
@@ -241,6 +255,7 @@ class Options:
             seconds = getattr(self, name)
             if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds <= 600:
                 raise OptionsError(f"{name}: expected 0-600 seconds, got {seconds!r}")
+        self._check_spool()
         ratio = self.sample_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
             raise OptionsError(f"sample_ratio: expected a number from 0 to 1, got {ratio!r}")
@@ -306,6 +321,21 @@ class Options:
                 "Or choose feedback_auth='user' or 'open', or turn the endpoint off with feedback_path=None."
             )
         set_(self, "feedback_tokens", FeedbackTokens(secrets, ttl) if needed else None)
+
+    def _check_spool(self) -> None:
+        for name in ("spool", "spool_fsync"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionsError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.spool_dir is not None and (not isinstance(self.spool_dir, str) or not self.spool_dir):
+            raise OptionsError(f"spool_dir: expected a directory path or None, got {self.spool_dir!r}")
+        size = self.spool_max_bytes
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1024 * 1024:
+            raise OptionsError(f"spool_max_bytes: expected an int of at least 1 MiB, got {size!r}")
+        bounds = (("spool_max_age_seconds", 60, 365 * 86400), ("spool_replay_per_second", 0.1, 10_000))
+        for name, low, high in bounds:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise OptionsError(f"{name}: expected {low:g} to {high:g}, got {value!r}")
 
     def _peers(self) -> tuple[Network, ...]:
         accept = self.accept_traceparent

@@ -8,6 +8,10 @@ under this name (a changed thumbs is an update, not a second rating). Bounded: a
 refuses new ratings (503), and each rating is retried with backoff until its deadline, so no
 client can make it do unbounded work. MLflow failures are counted and logged at most once a
 minute; a rating that never finds its trace is counted as dropped.
+
+With the spool on (replay.py), a rating MLflow cannot take now is kept on disk instead: one that
+meets a failing server, or whose deadline passes while the server is down or traces wait in the
+spool (its own may be among them). The spool replays it after those traces.
 """
 
 from __future__ import annotations
@@ -15,21 +19,25 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlflow_ctx_mw import _mlflow
+from mlflow_ctx_mw import _exporter, _mlflow
 from mlflow_ctx_mw._logonce import log_once
 from mlflow_ctx_mw.mapper import USER_KEY
+from mlflow_ctx_mw.replay import SPOOLER
 
-__all__ = ["COUNTS", "DELIVERY", "DeliveryError", "Rating", "deliver_now"]
+__all__ = ["COUNTS", "DELIVERY", "TRACE_ID", "DeliveryError", "Rating", "deliver_now", "replay_rating"]
 
 logger = logging.getLogger("mlflow_ctx_mw")
 QUEUE_SIZE = 1000
 FIRST_RETRY = 0.25
 MAX_RETRY = 2.0
+#: The trace ids MLflow 3 issues for traces in an experiment: nothing else reaches MLflow.
+TRACE_ID = re.compile(r"^tr-[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
@@ -185,10 +193,15 @@ class _Delivery:
                 COUNTS.add("refused")
                 logger.debug("feedback %s refused: %s", rating.feedback_id, exc.reason)
                 return
-        except Exception:
+        except Exception as exc:
             log_once("feedback-delivery", "MLflow failed to store feedback; retrying until its deadline")
+            if SPOOLER.active and _exporter.is_transient(exc) and SPOOLER.spool_rating(rating):
+                SPOOLER.went_down()
+                return
         now = time.monotonic()
         if now + delay > deadline:
+            if SPOOLER.active and (SPOOLER.down or SPOOLER.holds_traces()) and SPOOLER.spool_rating(rating):
+                return
             COUNTS.add("dropped")
             logger.debug("feedback %s dropped: its trace was not found in time", rating.feedback_id)
             return
@@ -198,3 +211,31 @@ class _Delivery:
 
 
 DELIVERY = _Delivery()
+
+
+def replay_rating(payload: Any, missing_since: float | None) -> str:
+    """One try at a spooled rating: "sent", "missing" (kept: its trace may come yet), "dropped"
+    (missing past its deadline), "refused", "down" (kept), or "corrupt"."""
+    try:
+        rating = Rating(**payload)
+        if rating.trace_id is not None and not TRACE_ID.match(rating.trace_id):
+            raise ValueError("not a trace id")
+    except (TypeError, ValueError):
+        return "corrupt"
+    try:
+        with _exporter.watched():
+            _attempt(rating)
+    except DeliveryError as exc:
+        if exc.reason != "missing":
+            COUNTS.add("refused")
+            return "refused"
+        if missing_since is not None and time.monotonic() - missing_since > rating.deadline_seconds:
+            COUNTS.add("dropped")
+            return "dropped"
+        return "missing"
+    except Exception as exc:
+        if _exporter.is_transient(exc):
+            return "down"
+        COUNTS.add("refused")
+        return "refused"
+    return "sent"

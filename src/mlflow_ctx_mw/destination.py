@@ -18,6 +18,8 @@ holds requests back until it is, for at most `startup_wait_seconds` after the mi
 (ASGI: the lifespan startup waits instead, before the server takes traffic), so that a cold start
 traces its first request; past that, requests are served untraced (said once, loudly; retried
 every RETRY_SECONDS) and `tracing_status()` says why. An experiment the app sets in code wins.
+With the spool on, such requests are traced all the same: their traces start with a placeholder
+experiment, go to the spool whole, and get the experiment when the spool replays them.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from mlflow_ctx_mw import _mlflow
+from mlflow_ctx_mw import _exporter, _mlflow
 from mlflow_ctx_mw._logonce import log_once
 from mlflow_ctx_mw.config import Options
 from mlflow_ctx_mw.export import watch_exports
+from mlflow_ctx_mw.replay import PLACEHOLDER, SPOOLER
 
 __all__ = [
     "UNRESOLVED",
@@ -39,7 +42,9 @@ __all__ = [
     "app_experiment",
     "await_ready",
     "configure_destination",
+    "configure_spool",
     "experiment_for_span",
+    "resolve_now",
     "startup_wait",
     "tracing_status",
     "wait_until_ready",
@@ -71,7 +76,13 @@ class _Adoption:
 
     def span_experiment(self, fallback: str) -> str:
         self.start(fallback)
-        return UNRESOLVED if self.known is None else self.known
+        if self.known is not None:
+            return self.known
+        # Traced into the spool until it is resolved; served untraced without one.
+        return PLACEHOLDER if SPOOLER.active and fallback == "env" else UNRESOLVED
+
+    def retry_now(self) -> None:
+        self._next_try = 0.0
 
     def start(self, fallback: str) -> None:
         with self._lock:
@@ -86,7 +97,8 @@ class _Adoption:
 
     def _adopt(self, fallback: str) -> None:
         try:
-            self.known = _mlflow.adopt_experiment(fallback) or self.known
+            with _exporter.watched():  # one brief retry: while it lasts, requests wait
+                self.known = _mlflow.adopt_experiment(fallback) or self.known
             self.failure = None
         except Exception as exc:
             log_once(f"adopt-{fallback}", "could not settle the experiment MLflow would use "
@@ -99,6 +111,17 @@ class _Adoption:
 
 
 ADOPTION = _Adoption()
+
+
+def resolve_now() -> str | None:
+    """The experiment from MLFLOW_EXPERIMENT_NAME, resolved in this thread if it is not yet
+    (the spool's worker, replaying traces spooled before it was); None while it cannot be."""
+    if ADOPTION.known is None:
+        if not ADOPTION.busy:
+            ADOPTION.retry_now()
+            ADOPTION.start("env")
+        ADOPTION.settled.wait(2 * _exporter.WATCHED_TIMEOUT)
+    return ADOPTION.known
 
 
 class _Startup:
@@ -161,6 +184,23 @@ def configure_destination(options: Options) -> None:
         log_once("experiment-check", "could not tell where MLflow sends traces; leaving it to MLflow")
 
 
+def configure_spool(options: Options) -> None:
+    """Called once when a middleware is built; never raises."""
+    if not options.spool:
+        return
+    try:
+        SPOOLER.configure(
+            directory=options.spool_dir,
+            tracking_uri=_mlflow.tracking_uri(),
+            max_bytes=options.spool_max_bytes,
+            max_age=options.spool_max_age_seconds,
+            rate=options.spool_replay_per_second,
+            fsync=options.spool_fsync,
+        )
+    except Exception:
+        log_once("spool", "could not set up the spool; traces MLflow cannot take are dropped")
+
+
 def startup_wait() -> float:
     """Seconds a request should still wait for the destination to be settled (0: go on).
 
@@ -170,7 +210,7 @@ def startup_wait() -> float:
         return 0.0
     if TRACKING_URI.missing_now():  # said once already; nothing to wait for
         return 0.0
-    resolved = experiment_for_span() is not UNRESOLVED  # starts an attempt when one is due
+    resolved = experiment_for_span() not in (UNRESOLVED, PLACEHOLDER)  # starts an attempt when due
     busy = ADOPTION.busy
     if resolved and not busy:
         STARTUP.ready = True
@@ -179,8 +219,9 @@ def startup_wait() -> float:
     if left > 0 and busy:
         return left
     if not resolved:  # out of time, or the attempt failed: no use waiting
+        fate = "traced into the spool" if SPOOLER.active else "served untraced"
         log_once("not-ready", f"tracing is not ready after start-up ({tracing_status().detail}): requests "
-                 "are served untraced until it is; mlflow_ctx_mw.tracing_status() tells",
+                 f"are {fate} until it is; mlflow_ctx_mw.tracing_status() tells",
                  exc_info=False, level=logging.ERROR)  # fmt: skip
     return 0.0
 
@@ -215,7 +256,7 @@ def tracing_status() -> TracingStatus:
     down at start-up, an experiment name not resolved yet, no tracking server configured)."""
     if TRACKING_URI.missing:
         return TracingStatus(False, None, "no MLflow tracking server configured (MLFLOW_TRACKING_URI)")
-    if experiment_for_span() is UNRESOLVED:
+    if experiment_for_span() in (UNRESOLVED, PLACEHOLDER):
         reason = ADOPTION.failure or "still resolving"
         return TracingStatus(False, None, f"experiment from MLFLOW_EXPERIMENT_NAME not resolved: {reason}")
     try:

@@ -2,7 +2,8 @@
 produces them (one warning per 30 s at best), evicts them silently from its in-memory buffer when
 more than MLFLOW_TRACE_BUFFER_MAX_SIZE wait there, and warns once per trace when the server is
 down. All are counted here, readable by the app (`export_stats()`), and logged at most once a minute:
-a warning that names the knobs for drops, MLflow's own warning for failures."""
+a warning that names the knobs for drops, MLflow's own warning for failures. With the spool on
+(replay.py), what MLflow cannot take is kept on disk and counted here too."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from mlflow_ctx_mw import _mlflow
+from mlflow_ctx_mw import _exporter
 
 __all__ = ["ExportStats", "export_stats", "watch_exports"]
 
@@ -47,11 +48,28 @@ class ExportStats:
     feedback_updated: int = 0
     feedback_refused: int = 0
     feedback_dropped: int = 0
+    #: The spool (all 0 with it off). Entries written (traces, and ratings of those accepted),
+    #: traces replayed into MLflow, entries dropped: past the spool's bounds (expired), refused
+    #: by the server for good (rejected), unreadable (corrupt), or not writable (disk full,
+    #: read-only: dropped as without a spool). Bytes and entries on disk (all processes').
+    spooled_traces: int = 0
+    spooled_feedback: int = 0
+    replayed_traces: int = 0
+    expired_entries: int = 0
+    rejected_entries: int = 0
+    corrupt_entries: int = 0
+    unwritable_entries: int = 0
+    spool_bytes: int = 0
+    spool_entries: int = 0
 
 
 def export_stats() -> ExportStats:
     from mlflow_ctx_mw.delivery import COUNTS as feedback
+    from mlflow_ctx_mw.replay import SPOOLER
+    from mlflow_ctx_mw.spool import SpoolFiles
 
+    files, spooler = SPOOLER.files, SPOOLER.counts
+    disk = files.counts if files is not None else SpoolFiles.no_counts()
     return ExportStats(
         _dropped_exports,
         _dropped_spans,
@@ -62,6 +80,15 @@ def export_stats() -> ExportStats:
         feedback.updated,
         feedback.refused,
         feedback.dropped,
+        spooled_traces=disk["written"] - spooler["feedback_spooled"],
+        spooled_feedback=spooler["feedback_spooled"],
+        replayed_traces=spooler["replayed"],
+        expired_entries=disk["expired"],
+        rejected_entries=spooler["rejected"],
+        corrupt_entries=disk["corrupt"],
+        unwritable_entries=disk["unwritable"],
+        spool_bytes=files.bytes if files is not None else 0,
+        spool_entries=files.entries if files is not None else 0,
     )
 
 
@@ -75,10 +102,14 @@ def _failed() -> bool:
             return False
         _last_failure_log = now
         failed = _failed_exports
+    from mlflow_ctx_mw.replay import SPOOLER
+
+    fate = "kept in the spool and sent when it answers" if SPOOLER.active else "lost"
     logger.warning(
         "MLflow could not export traces (%d failures so far; MLflow's warning follows, then at most "
-        "one a minute): requests are served as usual, their traces are lost.",
+        "one a minute): requests are served as usual, their traces are %s.",
         failed,
+        fate,
     )
     return True
 
@@ -116,7 +147,7 @@ def watch_exports() -> None:
         return
     _installed = True
     try:
-        _mlflow.install_drop_hooks(
+        _exporter.install_drop_hooks(
             lambda: _dropped("export"), lambda: _dropped("span"), _failed, lambda: _dropped("evicted")
         )
     except Exception:

@@ -22,9 +22,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mlflow_ctx_mw.config import Options
-from mlflow_ctx_mw.delivery import DELIVERY, DeliveryError, Rating, deliver_now
+from mlflow_ctx_mw.delivery import COUNTS, DELIVERY, TRACE_ID, DeliveryError, Rating, deliver_now
 from mlflow_ctx_mw.destination import app_experiment
 from mlflow_ctx_mw.mapper import MAX_ID_LENGTH, MAX_METADATA_LENGTH, clean_id
+from mlflow_ctx_mw.replay import SPOOLER
 from mlflow_ctx_mw.security import RateLimiter
 
 __all__ = [
@@ -39,8 +40,6 @@ __all__ = [
     "read_limited",
 ]
 
-#: The trace ids MLflow 3 issues for traces in an experiment: nothing else reaches MLflow.
-TRACE_ID = re.compile(r"^tr-[0-9a-f]{32}$")
 MAX_NAME_LENGTH = 250
 MAX_TEXT_VALUE = 10_000
 MAX_RATIONALE = 10_000
@@ -274,11 +273,15 @@ class FeedbackEndpoint:
         if feedback.kind not in options.feedback_kinds:
             raise FeedbackError(403, f"{feedback.kind} is not accepted here", "kind")
         rating = self._authorize(feedback, request)
+        accepted = {"feedback_id": rating.feedback_id, "trace_id": rating.trace_id}
+        if SPOOLER.down and SPOOLER.spool_rating(rating):  # the tracking server is down: kept
+            COUNTS.add("accepted")
+            return 202, {**accepted, "status": "spooled", "spool_id": rating.feedback_id}
         if not DELIVERY.submit(rating):
             error = FeedbackError(503, "feedback service busy; try again later")
             error.retry_after = 5  # type: ignore[attr-defined]
             raise error
-        return 202, {"feedback_id": rating.feedback_id, "trace_id": rating.trace_id, "status": "accepted"}
+        return 202, {**accepted, "status": "accepted"}
 
     def _authorize(self, feedback: Feedback, request: FeedbackRequest) -> Rating:
         """Who may rate which trace, by the app's policy; the rating to deliver."""

@@ -34,12 +34,16 @@ from typing import Any
 
 from mlflow_ctx_mw import _mlflow
 from mlflow_ctx_mw._logonce import log_once
+from mlflow_ctx_mw.replay import SPOOLER
 
 __all__ = ["IN_FLIGHT", "flush_pending", "install_shutdown_flush"]
 
 
 def flush_pending(timeout: float) -> bool:
-    """Send what MLflow still holds, waiting at most `timeout` s; True if it all went out."""
+    """Send what MLflow still holds, waiting at most `timeout` s; True if it all went out. With the
+    spool on, what did not (the server down, or slow past the timeout) is on disk after this."""
+    if SPOOLER.down:  # on disk at once; the flush below then moves the rest there quickly
+        SPOOLER.evacuate()
     done = threading.Event()
 
     def flush() -> None:
@@ -55,7 +59,9 @@ def flush_pending(timeout: float) -> bool:
     except RuntimeError:  # at interpreter exit (3.12+: no new threads): flush here, unbounded
         flush()
         return True
-    if not done.wait(timeout):
+    flushed = done.wait(timeout)
+    SPOOLER.evacuate()  # what the server did not take in time (or is down for) goes to disk
+    if not flushed:
         log_once(
             "flush-timeout", f"pending traces not flushed within {timeout:g}s at shutdown", exc_info=False
         )

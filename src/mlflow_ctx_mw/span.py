@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from mlflow_ctx_mw import _mlflow
 from mlflow_ctx_mw._logonce import log_once
 from mlflow_ctx_mw.config import Options
-from mlflow_ctx_mw.destination import UNRESOLVED, configure_destination, experiment_for_span
+from mlflow_ctx_mw.destination import UNRESOLVED, configure_destination, configure_spool, experiment_for_span
 from mlflow_ctx_mw.feedback import is_endpoint
 from mlflow_ctx_mw.mapper import USER_KEY, RequestContext, build_context, redact_fields
 from mlflow_ctx_mw.security import redact_query
@@ -55,7 +55,9 @@ class Decision(enum.Enum):
 
 
 def prepare(options: Options) -> None:
-    """What a middleware sets up once when built: where traces go, the flush at the end."""
+    """What a middleware sets up once when built: where traces go, the spool for when they cannot
+    go there yet, the flush at the end."""
+    configure_spool(options)
     configure_destination(options)
     install_shutdown_flush(options.shutdown_flush_seconds)
 

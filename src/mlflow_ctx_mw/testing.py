@@ -20,9 +20,11 @@ __all__ = ["free_port", "local_mlflow_server", "stopping", "wait_http"]
 
 
 def free_port(preferred: int = 0) -> int:
-    """`preferred` if it is free on 127.0.0.1, else any free port."""
+    """`preferred` if it is free on 127.0.0.1, else any free port. Free as servers see it: a
+    port whose old connections linger in TIME_WAIT is free (they bind with SO_REUSEADDR)."""
     for port in (preferred, 0) if preferred else (0,):
         with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
