@@ -55,8 +55,7 @@ def app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"ok"]
 
-import os
-wrapped = MlflowContextMiddleware(app, spool=os.environ.get("TEST_SPOOL") != "0")
+wrapped = MlflowContextMiddleware(app)
 at_start = list(calls)
 served = []
 for i in range(20):
@@ -133,6 +132,7 @@ def test_set_experiment_in_the_app_wins_over_the_environment(mlflow_server: str,
         "wrapped = MlflowContextMiddleware(app)",
         f"wrapped = MlflowContextMiddleware(app)\nimport mlflow\nmlflow.set_experiment({chosen!r})",
     )
+    assert script != SCRIPT
     env = {"MLFLOW_TRACKING_URI": mlflow_server, name_or_id: "0" if name_or_id.endswith("ID") else "other"}
     result = run_app(env, script)
     ids = {served["trace_id"] for served in result["served"]}
@@ -159,13 +159,16 @@ def test_server_down_at_start_costs_no_lookup_per_request(spool: bool) -> None:
     the spool the requests are served untraced; with it they are traced into the spool (and sent
     once the experiment resolves: test_outage.py)."""
     closed = f"http://127.0.0.1:{free_port()}"
+    built = "wrapped = MlflowContextMiddleware(app)"
+    script = SCRIPT.replace(built, built[:-1] + f", spool={spool})")
+    assert script != SCRIPT
     result = run_app(
         {
             "MLFLOW_TRACKING_URI": closed,
             "MLFLOW_EXPERIMENT_NAME": "unreachable",
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-            "TEST_SPOOL": "1" if spool else "0",
-        }
+        },
+        script,
     )
     assert [served["status"] for served in result["served"]] == ["200 OK"] * 20
     assert all((served["trace_id"] is not None) == spool for served in result["served"])
