@@ -45,12 +45,15 @@ FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
 #: How often the worker rereads the directory (other processes' entries, bounds).
 SCAN_SECONDS = 5.0
-#: Traces the full-queue path may hand over before the worker has written them (in memory, as
-#: many as MLflow's own queue holds by default); past it they are dropped and counted, as before.
-HANDOFF_LIMIT = 1000
+#: Traces the full-queue path may hand over before the worker has written them (in memory: a
+#: burst past MLflow's own queue); past it they are dropped and counted, as before the spool.
+#: 1,000 added ~30 MB under an in-process flood (tests/test_memory.py); 200 is ~3 MB.
+HANDOFF_LIMIT = 200
 #: An entry that failed this often is tried only when nothing else is left (the probe), and is
 #: dropped (rejected) once another entry gets through: it, not the server, is the problem.
 SUSPECT_AFTER = 5
+#: Entries of each kind one replay round takes (the oldest); the next round follows at once.
+REPLAY_BATCH = 100
 EXPERIMENT_KEY = "mlflow.experimentId"
 
 
@@ -183,7 +186,7 @@ class _Spooler:
         self._retry_at = time.monotonic() + self._backoff
 
     def holds_traces(self) -> bool:
-        return self.files is not None and bool(self.files.list("traces"))
+        return self.files is not None and bool(self.files.list("traces", 1))
 
     # --- writing ---
 
@@ -241,11 +244,11 @@ class _Spooler:
     # --- the worker ---
 
     def _run(self) -> None:
-        last_scan = 0.0
+        last_scan, more = 0.0, False
         while True:
             try:
                 with self._wake:
-                    self._wake.wait(self._sleep())
+                    self._wake.wait(0.0 if more else self._sleep())
                     handoff, self._handoff = self._handoff, []
                     evacuate, self._evacuate = self._evacuate, False
                 for trace in handoff:
@@ -256,8 +259,7 @@ class _Spooler:
                 if time.monotonic() - last_scan > SCAN_SECONDS or self.files.over_bound():
                     self.files.scan()
                     last_scan = time.monotonic()
-                if not self.down or time.monotonic() >= self._retry_at:
-                    self._replay()
+                more = (not self.down or time.monotonic() >= self._retry_at) and self._replay()
             except Exception:
                 log_once("spool-worker", "the spool's worker failed; retrying")
                 time.sleep(1.0)
@@ -267,20 +269,21 @@ class _Spooler:
             return min(SCAN_SECONDS, max(0.05, self._retry_at - time.monotonic()))
         return SCAN_SECONDS
 
-    def _replay(self) -> None:
-        """Send what the spool holds while the server takes it; traces first."""
+    def _replay(self) -> bool:
+        """Send what the spool holds while the server takes it, traces first, a batch at a time;
+        True if a whole batch went (more may wait)."""
         files = self.files
         assert files is not None
-        traces = [entry for entry in files.list("traces") if entry.key not in self._flight]
-        ratings = files.list("feedback")
+        traces = [entry for entry in files.list("traces", REPLAY_BATCH) if entry.key not in self._flight]
+        ratings = files.list("feedback", REPLAY_BATCH)
         if not traces and not ratings:
             if self.down:  # nothing to probe with: let MLflow's own path try again
                 self._came_back()
-            return
+            return False
         if not self._lock():  # another process sends, so the server answers: export directly again
             if self.down:
                 self._came_back()
-            return
+            return False
         try:
             entries = [*traces, *ratings]
             names = {entry.name for entry in entries}  # forget what another process sent
@@ -289,9 +292,10 @@ class _Spooler:
             fresh = [entry for entry in entries if self._failures.get(entry, 0) < SUSPECT_AFTER]
             for entry in fresh or entries[:1]:
                 if not self._send(entry, self._send_trace if entry.kind == "traces" else self._send_rating):
-                    return
+                    return False
         finally:
             self._unlock()
+        return REPLAY_BATCH in (len(traces), len(ratings))
 
     def _send(self, entry: Entry, send: Any) -> bool:
         """One entry, paced; False to stop this round (down, or MLflow's queue is backed up)."""

@@ -16,6 +16,7 @@ counts the entry as dropped, as before the spool), a corrupt entry is removed an
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import os
 import re
@@ -117,18 +118,22 @@ class SpoolFiles:
         finally:
             os.close(fd)
 
-    def list(self, kind: str) -> list[Entry]:
-        """This kind's entries, oldest first (every process's); foreign names are left alone."""
+    def list(self, kind: str, limit: int | None = None) -> list[Entry]:
+        """This kind's entries, oldest first (every process's), at most `limit` of them: a spool
+        of 100,000 entries is walked, never held in memory whole. Foreign names are left alone."""
         try:
-            names = sorted(os.listdir(self.directory / kind))
+            with os.scandir(self.directory / kind) as found:
+                names = (item.name for item in found if _NAME.match(item.name))
+                oldest = sorted(names) if limit is None else heapq.nsmallest(limit, names)
         except OSError:
             return []
-        entries = []
-        for name in names:
-            match = _NAME.match(name)
-            if match:
-                entries.append(Entry(kind, name, int(match[1]) / 1e9, match[2]))
-        return entries
+        return [self._entry(kind, name) for name in oldest]
+
+    @staticmethod
+    def _entry(kind: str, name: str) -> Entry:
+        match = _NAME.match(name)
+        assert match is not None
+        return Entry(kind, name, int(match[1]) / 1e9, match[2])
 
     def read(self, entry: Entry) -> dict[str, Any] | None:
         """The entry's payload; None if it is gone (another process took it) or corrupt (then
@@ -170,24 +175,32 @@ class SpoolFiles:
 
     def scan(self) -> None:
         """Recount what is on disk (every process writes here), drop what is past the bounds,
-        and clear the `tmp/` files of writes that died."""
+        and clear the `tmp/` files of writes that died. One pass that keeps only sums; a second,
+        oldest first, only when a bound is passed."""
         now = time.time()
-        sized: list[tuple[Entry, int]] = []
+        total = kept = 0
+        oldest = now
         for kind in KINDS:
-            for entry in self.list(kind):
+            with contextlib.suppress(OSError), os.scandir(self.directory / kind) as found:
+                for item in found:
+                    match = _NAME.match(item.name)
+                    with contextlib.suppress(OSError):
+                        if match:
+                            total += item.stat().st_size
+                            kept += 1
+                            oldest = min(oldest, int(match[1]) / 1e9)
+        if total > self.max_bytes or now - oldest > self.max_age:
+            entries = sorted((entry for kind in KINDS for entry in self.list(kind)), key=lambda e: e.name)
+            for entry in entries:
+                if total <= self.max_bytes and now - entry.created <= self.max_age:
+                    break  # oldest first: the rest are younger and fit
                 try:
-                    sized.append((entry, (self.directory / kind / entry.name).stat().st_size))
+                    size = (self.directory / entry.kind / entry.name).stat().st_size
                 except OSError:
                     continue
-        sized.sort(key=lambda pair: pair[0].name)
-        total = sum(size for _, size in sized)
-        kept = len(sized)
-        for entry, size in sized:
-            if total <= self.max_bytes and now - entry.created <= self.max_age:
-                break  # oldest first: the rest are younger and fit
-            self._expire(entry)
-            total -= size
-            kept -= 1
+                self._expire(entry)
+                total -= size
+                kept -= 1
         with self._lock:
             self.bytes, self.entries = total, kept
         self._clear_stale_tmp(now)
