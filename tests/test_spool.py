@@ -109,6 +109,7 @@ def test_corrupt_entries_are_skipped_and_counted(served: tuple[str, str]) -> Non
             (files.directory / kind / name).write_bytes(data)
         response = httpx.get(f"{url}/items/3", headers={"X-Request-ID": request_id}, timeout=30)
         assert response.status_code == 200
+        wait_for(lambda: spooled(files, "traces", response.headers["X-Trace-ID"]))  # behind the bad ones
     found = find_traces(f"attributes.client_request_id = '{request_id}'", expected=1)
     assert len(found) == 1
     wait_for(lambda: not any((files.directory / k / n).exists() for n in bad for k in ("traces", "feedback")))

@@ -309,7 +309,7 @@ class _Spooler:
             self._still_down()
             return False
         self._failures.pop(entry, None)
-        if outcome != "kept":
+        if outcome != "gone":  # the server answered (a corrupt or vanished entry says nothing)
             self._came_back()
             self._reject_suspects()
         if outcome != "gone":  # one send per 1/rate s; new handoffs are written in the next round
