@@ -196,7 +196,7 @@ class _Delivery:
         except Exception as exc:
             log_once("feedback-delivery", "MLflow failed to store feedback; retrying until its deadline")
             if SPOOLER.active and _exporter.is_transient(exc) and SPOOLER.spool_rating(rating):
-                SPOOLER.went_down()
+                SPOOLER.failed()
                 return
         now = time.monotonic()
         if now + delay > deadline:

@@ -52,6 +52,9 @@ HANDOFF_LIMIT = 200
 #: An entry that failed this often is tried only when nothing else is left (the probe), and is
 #: dropped (rejected) once another entry gets through: it, not the server, is the problem.
 SUSPECT_AFTER = 5
+#: Failed exports in a row before the server is taken for down (one 5xx from a busy server is
+#: not an outage: that trace alone is spooled).
+DOWN_AFTER = 3
 #: Entries of each kind one replay round takes (the oldest); the next round follows at once.
 REPLAY_BATCH = 100
 EXPERIMENT_KEY = "mlflow.experimentId"
@@ -90,6 +93,7 @@ class _Spooler:
         self._lock_fd: int | None = None
         self._missing_since: dict[str, float] = {}
         self._failures: dict[Entry, int] = {}  # failed sends in a row
+        self._failed_in_a_row = 0
         self.counts = {"replayed": 0, "rejected": 0, "feedback_spooled": 0}
 
     @property
@@ -146,8 +150,10 @@ class _Spooler:
         if failure is not None and _exporter.is_transient(failure):
             if written is None:
                 self._spool_trace(trace)
-            self.went_down()
-        elif written is not None and self.files is not None:  # delivered after all
+            self.failed()
+            return
+        self._failed_in_a_row = 0
+        if written is not None and self.files is not None:  # delivered after all
             self.files.remove(Entry("traces", written, 0.0, trace.info.trace_id))
 
     def overflow(self, trace: Any) -> bool:
@@ -159,6 +165,14 @@ class _Spooler:
         return True
 
     # --- state ---
+
+    def failed(self) -> None:
+        """A transient failure; DOWN_AFTER of them in a row make an outage."""
+        with self._wake:
+            self._failed_in_a_row += 1
+            down = self._failed_in_a_row >= DOWN_AFTER
+        if down:
+            self.went_down()
 
     def went_down(self) -> None:
         """An export failed: spool from now on, move what MLflow holds to disk, probe later."""
