@@ -236,3 +236,42 @@ def test_an_entry_that_keeps_failing_is_dropped_once_others_get_through(tmp_path
     spooler._replay()  # now skipped: the others go, and it is dropped
     assert len(sent) == 3 and spooler.files.list("traces") == [] and not spooler.down
     assert spooler.counts["rejected"] == 1
+
+
+def test_a_rating_waits_without_its_clock_while_traces_are_ahead_of_it(tmp_path: Path) -> None:
+    """The replay order alone (no MLflow). A spool longer than a rating may wait for its trace
+    (1,100 traces at 20/s outlast feedback_wait_seconds' 60 s): the rating is tried only once no
+    batch of traces is ahead of it, so its own trace, spooled last, is stored first."""
+    from mlflow_ctx_mw import replay
+
+    spooler = replay._Spooler()
+    spooler.files = SpoolFiles(tmp_path / "spool", max_bytes=2**24, max_age=3600, fsync=False)
+    assert spooler.files.open()
+    keys = [f"tr-{i:032x}" for i in range(replay.REPLAY_BATCH * 2 + 5)]
+    for key in keys:
+        spooler.files.write("traces", key, {"trace": {}})
+    spooler.files.write("feedback", "a" * 32, {"rating": {"trace_id": keys[-1]}})
+    stored: list[str] = []
+    tried: list[bool] = []  # for each try of the rating: was its trace stored by then?
+
+    def send_trace(entry: object) -> str:
+        stored.append(entry.key)  # type: ignore[attr-defined]
+        spooler.files.remove(entry)  # type: ignore[union-attr, arg-type]
+        return "sent"
+
+    def send_rating(entry: object) -> str:
+        tried.append(keys[-1] in stored)
+        if not tried[-1]:
+            return "missing"
+        spooler.files.remove(entry)  # type: ignore[union-attr, arg-type]
+        return "sent"
+
+    spooler._send_trace = send_trace  # type: ignore[method-assign]
+    spooler._send_rating = send_rating  # type: ignore[method-assign]
+    spooler.rate = 10_000
+    rounds = 0
+    while spooler._replay():
+        rounds += 1
+        assert rounds < 10
+    assert stored == keys and tried == [True]
+    assert spooler.files.list("traces") == [] and spooler.files.list("feedback") == []

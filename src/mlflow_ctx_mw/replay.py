@@ -288,8 +288,11 @@ class _Spooler:
         True if a whole batch went (more may wait)."""
         files = self.files
         assert files is not None
-        traces = [entry for entry in files.list("traces", REPLAY_BATCH) if entry.key not in self._flight]
-        ratings = files.list("feedback", REPLAY_BATCH)
+        listed = files.list("traces", REPLAY_BATCH)
+        traces = [entry for entry in listed if entry.key not in self._flight]
+        # A rating waits, its clock not running, while a batch of traces is still ahead of it: its
+        # trace may be among them (a long spool takes longer to send than a rating may wait).
+        ratings = files.list("feedback", REPLAY_BATCH) if len(listed) < REPLAY_BATCH else []
         if not traces and not ratings:
             if self.down:  # nothing to probe with: let MLflow's own path try again
                 self._came_back()
@@ -309,7 +312,7 @@ class _Spooler:
                     return False
         finally:
             self._unlock()
-        return REPLAY_BATCH in (len(traces), len(ratings))
+        return REPLAY_BATCH in (len(listed), len(ratings))
 
     def _send(self, entry: Entry, send: Any) -> bool:
         """One entry, paced; False to stop this round (down, or MLflow's queue is backed up)."""
