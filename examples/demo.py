@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import statistics
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -176,44 +176,52 @@ def _state(trace) -> str:  # type: ignore[no-untyped-def]
     return str(getattr(trace.info.state, "value", trace.info.state))
 
 
-def summarise(traces: list, experiment_id: str) -> None:
-    """Print the tables a product owner asks for, from MLflow's own records."""
-    by_user: dict[str, list] = defaultdict(list)
-    by_session: dict[str, list] = defaultdict(list)
-    by_version: dict[str, list] = defaultdict(list)
-    for trace in traces:
-        meta = trace.info.trace_metadata
-        by_user[meta.get("mlflow.trace.user", "-")].append(trace)
-        by_session[meta.get("mlflow.trace.session", "-")].append(trace)
-        by_version[meta.get("app_version", "-")].append(trace)
+def summarise(experiment_id: str, since_ms: int, traces: list, html: Path | None = None) -> None:
+    """The questions a product owner asks, answered by `mlflow_ctx_mw.analytics` (what
+    `mlflow-ctx report` prints), from MLflow's own records of this run."""
+    from mlflow_ctx_mw import analytics, cli
 
-    print(f"\n{len(traces)} traces in experiment {experiment_id}\n")
-    print(f"{'user':<10}{'interactions':>14}{'sessions':>10}{'mean ms':>10}")
-    for user, items in sorted(by_user.items()):
-        sessions = {t.info.trace_metadata.get("mlflow.trace.session") for t in items}
-        mean = statistics.mean(t.info.execution_duration or 0 for t in items)
-        print(f"{user:<10}{len(items):>14}{len(sessions):>10}{mean:>10.1f}")
-    print("\nsessions, turns in order:")
-    for session, items in sorted(by_session.items()):
-        items.sort(key=lambda t: t.info.request_time)
-        turns = ", ".join(f"{_state(t)} {t.info.execution_duration} ms" for t in items)
-        print(f"  {session:<28} {turns}")
-    print(f"\n{'app_version':<12}{'traces':>8}{'error rate':>12}{'mean ms':>10}")
-    for version, items in sorted(by_version.items()):
-        errors = sum(_state(t) == "ERROR" for t in items)
-        mean = statistics.mean(t.info.execution_duration or 0 for t in items)
-        print(f"{version:<12}{len(items):>8}{errors / len(items):>12.0%}{mean:>10.1f}")
+    since = datetime.fromtimestamp(since_ms / 1000, tz=timezone.utc)
+    rows = analytics.fetch(EXPERIMENT, since=since)
+    print(f"\n{len(rows)} traces in experiment {experiment_id}\n")
+    for by in ("user", "app_version", "route"):
+        print(cli.table(analytics.rollup(rows, by), by) + "\n")
+    versions = [g.group for g in analytics.rollup(rows, "app_version") if g.group][:2]
+    if len(versions) == 2:
+        result = analytics.compare(rows, *sorted(versions))
+        print(f"app_version {result.a.group} -> {result.b.group}:")
+        for test in result.tests:
+            verdict = "more than noise" if test.significant else "within noise"
+            print(f"  {test.metric:<15} {test.a!s:>8.6} -> {test.b!s:<8.6} p={test.p_value or 1:.3f} "
+                  f"({test.method}: {verdict})")  # fmt: skip
+    print("\nunhappiest sessions (most thumbs down), turns in order:")
+    for group in analytics.worst(rows, "session", limit=3):
+        turns = analytics.session_turns(rows, group.group or "")
+        shown = ", ".join(_turn(turn) for turn in turns)
+        print(f"  {group.group:<28} {shown}")
+    print("\nfeedback:")
+    for summary in analytics.summarise(None, rows).feedback:
+        share = "-" if summary.positive_share is None else f"{summary.positive_share:.0%}"
+        print(
+            f"  {summary.name:<14} {summary.count} ratings, positive {share}, mean {summary.mean_score:.2f}"
+        )
     print("\nas MLflow's trace list shows them (request -> response):")
     for trace in sorted(traces, key=lambda t: t.info.request_time)[:3]:
         print(f"  {trace.info.request_preview or '-'!s:<40.40} -> {trace.info.response_preview or '-'!s:.40}")
-    thumbs = [a.value for t in traces for a in t.info.assessments if a.name == "user_feedback"]
-    stars = [a.value for t in traces for a in t.info.assessments if a.name == "stars"]
-    rated = sum(any(a.name == "user_feedback" for a in t.info.assessments) for t in traces)
-    print(
-        f"\nfeedback rate: {rated / max(len(traces), 1):.0%} of traces have thumbs up/down; "
-        f"positive: {sum(map(bool, thumbs)) / max(len(thumbs), 1):.0%} of {len(thumbs)}; "
-        f"mean stars: {statistics.mean(stars) if stars else 0:.2f} ({len(stars)} ratings)"
-    )
+    if html is not None:
+        import mlflow
+
+        from mlflow_ctx_mw.analytics.html import render
+
+        uri = mlflow.get_tracking_uri()
+        html.write_text(render(rows, by="user", experiment=EXPERIMENT, experiment_id=experiment_id,
+                               tracking_uri=uri, window="this run"), encoding="utf-8")  # fmt: skip
+        say(f"HTML report (charts, unhappiest sessions linked into MLflow): {html}")
+
+
+def _turn(turn) -> str:  # type: ignore[no-untyped-def]
+    rated = " ".join(f"{f.name}={f.value}" for f in turn.feedback)
+    return f"{'ok' if turn.ok else 'ERROR'} {turn.duration_ms:.0f} ms {rated}".strip()
 
 
 def main() -> int:
@@ -235,9 +243,12 @@ def main() -> int:
             f"sent {sent.requests} requests ({sent.errors} failed on purpose) and {sent.feedback} "
             "feedback calls; waiting for the exporter"
         )
-        summarise(wait_for_traces(experiment_id, sent.trace_ids, since_ms, sent.feedback), experiment_id)
+        traces = wait_for_traces(experiment_id, sent.trace_ids, since_ms, sent.feedback)
+        summarise(experiment_id, since_ms, traces, workdir / "report.html")
         print(f"\nBrowse the traces: {tracking_uri}/#/experiments/{experiment_id}/traces")
         print("  filter e.g.  metadata.`mlflow.trace.user` = 'alice'")
+        print(f"The same tables any time: mlflow-ctx report --experiment {EXPERIMENT} --by user "
+              f"(MLFLOW_TRACKING_URI={tracking_uri})")  # fmt: skip
         if sys.stdin.isatty() and os.environ.get("DEMO_NO_WAIT") != "1":
             say("the MLflow UI stays up until you press Ctrl-C")
             try:

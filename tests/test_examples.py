@@ -42,7 +42,7 @@ def test_example_smoke(example_urls: dict[str, str], app: str) -> None:
 
 
 def test_demo_summary_matches_mlflow(
-    example_urls: dict[str, str], capsys: pytest.CaptureFixture[str]
+    example_urls: dict[str, str], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     experiment_id = mlflow.get_experiment_by_name(demo.EXPERIMENT).experiment_id
     since_ms = int(time.time() * 1000)
@@ -50,8 +50,9 @@ def test_demo_summary_matches_mlflow(
     traces = demo.wait_for_traces(experiment_id, sent.trace_ids, since_ms, sent.feedback)
     assert {t.info.trace_id for t in traces} >= set(sent.trace_ids)
     capsys.readouterr()
-    demo.summarise(traces, experiment_id)
+    demo.summarise(experiment_id, since_ms, traces, tmp_path / "report.html")
     printed = capsys.readouterr().out
+    assert (tmp_path / "report.html").stat().st_size > 100_000  # plotly.js inlined
 
     # What MLflow itself says about this run, by its own search.
     ours = mlflow.search_traces(
@@ -72,4 +73,8 @@ def test_demo_summary_matches_mlflow(
     errors = sum(str(getattr(t.info.state, "value", t.info.state)) == "ERROR" for t in ours)
     assert errors == sent.errors == len(example_urls)  # one failing request per app
     thumbs = [a for t in ours for a in t.info.assessments if a.name == "user_feedback"]
-    assert f"positive: {sum(bool(a.value) for a in thumbs) / len(thumbs):.0%} of {len(thumbs)}" in printed
+    share = sum(bool(a.value) for a in thumbs) / len(thumbs)
+    assert re.search(rf"user_feedback\s+{len(thumbs)} ratings, positive {share:.0%}", printed), printed
+    stars = [a.value for t in ours for a in t.info.assessments if a.name == "stars"]
+    mean = sum(stars) / len(stars)
+    assert re.search(rf"stars\s+{len(stars)} ratings, .* mean {mean:.2f}", printed), printed

@@ -381,7 +381,8 @@ def adopt_experiment(fallback: str) -> str | None:
 
 def stored_trace(trace_id: str) -> Any:
     """The trace as the tracking server holds it, or None until all of it is stored (MLflow
-    answers RESOURCE_DOES_NOT_EXIST for a trace not exported yet, or exported in part).
+    answers RESOURCE_DOES_NOT_EXIST for a trace not exported yet, and "missing" or "corrupted"
+    span data for one whose info is stored and whose spans are still being written).
     Other failures (server down) raise. `mlflow.get_trace` would say None to both, with a
     warning each time."""
     from mlflow.exceptions import MlflowException
@@ -390,7 +391,9 @@ def stored_trace(trace_id: str) -> Any:
     try:
         return TracingClient().get_trace(trace_id)
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+            exc.error_code == "BAD_REQUEST" and "span data" in exc.message
+        ):
             return None
         raise
 
