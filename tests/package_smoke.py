@@ -57,7 +57,14 @@ def smoke(artifact: Path, tracking_uri: str, workdir: Path) -> dict[str, object]
            "MLFLOW_CTX_FEEDBACK_SECRET": "package-smoke-secret"}  # fmt: skip
     out = subprocess.run([python, "-c", SMOKE], env=env, capture_output=True, text=True, cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    # The console script, on the lean install: what it reads back of the smoke request.
+    report = [str(env_dir / "bin" / "mlflow-ctx"), "report", "--experiment", "package-smoke", "--since", "1h",
+              "--by", "user", "--format", "json"]  # fmt: skip
+    out = subprocess.run(report, env=env, capture_output=True, text=True, cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result["report"] = {row["group"]: row["traces"] for row in json.loads(out.stdout)}
+    return result
 
 
 def main() -> int:
@@ -81,6 +88,7 @@ def main() -> int:
                 "request id echoed": result["request_id"] == "smoke-req",
                 "trace in MLflow with its user": trace is not None
                 and trace.info.trace_metadata.get("mlflow.trace.user") == "smoke-user",
+                "mlflow-ctx report counts it": dict(result["report"]).get("smoke-user", 0) >= 1,
             }
             failed = [name for name, ok in checks.items() if not ok]
             print(f"[package] {artifact.name}: {'ok' if not failed else 'FAILED: ' + ', '.join(failed)} "
