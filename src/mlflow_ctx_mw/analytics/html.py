@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from mlflow_ctx_mw.analytics.fetch import TraceRow
-from mlflow_ctx_mw.analytics.rollups import Group, rollup, timeline, worst
+from mlflow_ctx_mw.analytics.rollups import Group, polarity, rollup, timeline, worst
 
 __all__ = ["render", "trace_url"]
 
@@ -37,19 +37,22 @@ def _iso(ms: int) -> str:
 
 def _figures(rows: Sequence[TraceRow]) -> list[tuple[str, Any]]:
     import plotly.graph_objects as go
+    from plotly import colors
 
     bucket = _bucket_ms(rows)
     series = timeline(rows, "app_version", bucket)
     share, latency = go.Figure(), go.Figure()
-    for version in sorted({g.group or "(none)" for _, g in series}):
+    palette = colors.qualitative.Plotly
+    for i, version in enumerate(sorted({g.group or "(none)" for _, g in series})):
         points = [(start, g) for start, g in series if (g.group or "(none)") == version]
         x = [_iso(start) for start, _ in points]
+        color = palette[i % len(palette)]  # one color per version, in both charts
         share.add_trace(go.Scatter(x=x, y=[g.positive_share for _, g in points], name=version,
-                                   mode="lines+markers", connectgaps=False))  # fmt: skip
+                                   mode="lines+markers", line={"color": color}))  # fmt: skip
         latency.add_trace(go.Scatter(x=x, y=[g.p50_ms for _, g in points], name=f"{version} p50",
-                                     mode="lines+markers"))  # fmt: skip
+                                     mode="lines+markers", line={"color": color}))  # fmt: skip
         latency.add_trace(go.Scatter(x=x, y=[g.p95_ms for _, g in points], name=f"{version} p95",
-                                     mode="lines", line={"dash": "dot"}))  # fmt: skip
+                                     mode="lines", line={"color": color, "dash": "dot"}))  # fmt: skip
     share.update_layout(yaxis={"title": "positive share", "range": [0, 1], "tickformat": ".0%"})
     latency.update_layout(yaxis={"title": "latency (ms)"})
     routes = rollup(rows, "route")
@@ -114,7 +117,7 @@ def render(
     unhappy = worst(rows, "session", limit=20)
     latest_negative = {}
     for row in rows:  # rows are oldest first: the last one wins
-        if row.session and any(_negative(f.value) for f in row.feedback):
+        if row.session and any(polarity(f.value) is False for f in row.feedback):
             latest_negative[row.session] = trace_url(tracking_uri, experiment_id, row.trace_id)
     sections.append(
         "<h2>Unhappiest sessions (most negative feedback; linked to its latest such turn)</h2>"
@@ -133,9 +136,3 @@ def render(
         + "".join(sections)
         + "</body></html>"
     )
-
-
-def _negative(value: Any) -> bool:
-    from mlflow_ctx_mw.analytics.rollups import polarity
-
-    return polarity(value) is False
