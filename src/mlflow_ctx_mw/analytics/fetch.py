@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-__all__ = ["Feedback", "TraceRow", "client", "experiment_id", "fetch", "parse_since", "window_filter"]
+__all__ = [
+    "Feedback",
+    "TraceRow",
+    "client",
+    "epoch_ms",
+    "experiment_id",
+    "fetch",
+    "parse_since",
+    "window_filter",
+]
 
 PAGE = 500  # the most a tracking server returns per search page
 TRACE_NAME = "mlflow.traceName"
@@ -65,7 +74,8 @@ def parse_since(text: str) -> timedelta:
     return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
 
 
-def _ms(moment: datetime | timedelta | None, now: float) -> int | None:
+def epoch_ms(moment: datetime | timedelta | None, now: float) -> int | None:
+    """A moment (a time, naive meaning UTC; or a span back from `now`) in MLflow's epoch ms."""
     if moment is None:
         return None
     if isinstance(moment, timedelta):
@@ -83,9 +93,9 @@ def window_filter(
     computed are pasted in; `extra` is the caller's filter, passed on as they wrote it."""
     now = time.time() if now is None else now
     parts = []
-    if (start := _ms(since, now)) is not None:
+    if (start := epoch_ms(since, now)) is not None:
         parts.append(f"trace.timestamp_ms >= {start}")
-    if (end := _ms(until, now)) is not None:
+    if (end := epoch_ms(until, now)) is not None:
         parts.append(f"trace.timestamp_ms < {end}")
     if extra and extra.strip():
         parts.append(extra.strip())

@@ -9,7 +9,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import Any
 
-from mlflow_ctx_mw.analytics.fetch import _ms, client, experiment_id
+from mlflow_ctx_mw.analytics.fetch import client, epoch_ms, experiment_id
 from mlflow_ctx_mw.analytics.rollups import Group, busiest
 
 __all__ = ["route_rollup"]
@@ -47,7 +47,7 @@ def route_rollup(
 
     found = experiment_id(tracing, experiment)
     now = time.time()
-    window = {"start_time_ms": _ms(since, now), "end_time_ms": _ms(until, now)}
+    window = {"start_time_ms": epoch_ms(since, now), "end_time_ms": epoch_ms(until, now)}
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     count = [MetricAggregation(AggregationType.COUNT)]
     for point in _points(store, found, "trace_count", count, ["trace_name", "trace_status"], window):
