@@ -139,10 +139,14 @@ async def drive(traces: int, *, users: int = 50, seed: int = 7, concurrency: int
                             region, route, response.status_code, tokens)  # fmt: skip
                 if rng.random() < 0.25:
                     sent.rating = rng.random() < positive
-                    reply = await client.post(
-                        "/mlflow/feedback", json={"trace_id": sent.trace_id, "value": sent.rating},
-                        headers={"X-Feedback-Token": response.headers["x-feedback-token"]},
-                    )  # fmt: skip
+                    for _ in range(60):  # 503 "busy": the delivery queue is full; a client retries
+                        reply = await client.post(
+                            "/mlflow/feedback", json={"trace_id": sent.trace_id, "value": sent.rating},
+                            headers={"X-Feedback-Token": response.headers["x-feedback-token"]},
+                        )  # fmt: skip
+                        if reply.status_code != 503:
+                            break
+                        await asyncio.sleep(1.0)
                     assert reply.status_code in (200, 201, 202), reply.text
                 traffic.sent.append(sent)
         finally:
