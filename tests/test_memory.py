@@ -26,7 +26,7 @@ PROBE = Path(__file__).resolve().parent / "memory_probe.py"
 REQUESTS = int(os.environ.get("MLFLOW_CTX_MEMORY_REQUESTS", "15000"))
 
 
-def probe(adapter: str, *, bare: bool) -> dict[str, Any]:
+def probe(adapter: str, *, bare: bool, requests: int = REQUESTS) -> dict[str, Any]:
     env = {
         **os.environ,
         # A closed port: the exporter fails fast, so what stays in memory is ours and MLflow's.
@@ -36,7 +36,7 @@ def probe(adapter: str, *, bare: bool) -> dict[str, Any]:
     }
     env.pop("DJANGO_SETTINGS_MODULE", None)
     out = subprocess.run(
-        [sys.executable, str(PROBE), adapter, str(REQUESTS)],
+        [sys.executable, str(PROBE), adapter, str(requests)],
         env=env,
         capture_output=True,
         text=True,
@@ -44,23 +44,34 @@ def probe(adapter: str, *, bare: bool) -> dict[str, Any]:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["requests"] == REQUESTS
+    assert result["requests"] == requests
     return result
+
+
+def excess(adapter: str, requests: int) -> tuple[float, float, dict[str, Any], dict[str, Any]]:
+    """RSS growth over the same app untraced: in the run's second half, and after the warm-up."""
+    ours, bare = probe(adapter, bare=False, requests=requests), probe(adapter, bare=True, requests=requests)
+    assert ours["open_traces_in_mlflow_buffer"] <= 1000  # MLFLOW_TRACE_BUFFER_MAX_SIZE, not growing
+    late = (ours["rss_end_mb"] - ours["rss_half_mb"]) - (bare["rss_end_mb"] - bare["rss_half_mb"])
+    growth = (ours["rss_end_mb"] - ours["rss_after_warmup_mb"]) - (
+        bare["rss_end_mb"] - bare["rss_after_warmup_mb"]
+    )
+    return late, growth, ours, bare
 
 
 @pytest.mark.parametrize("adapter", ["asgi", "wsgi", "django"])
 def test_memory_and_mlflow_buffers_stay_bounded(adapter: str) -> None:
-    ours, bare = probe(adapter, bare=False), probe(adapter, bare=True)
-    assert ours["open_traces_in_mlflow_buffer"] <= 1000  # MLFLOW_TRACE_BUFFER_MAX_SIZE, not growing
-    # MLflow's bounded buffers (1,000 traces, 1,000 export tasks) may still be filling after the
-    # warm-up, how fast depends on the machine's load (17.9 MB seen with other work on 2 cores):
-    # a leak shows in the second half, when they are full, as steady growth.
-    growth = ours["rss_end_mb"] - ours["rss_after_warmup_mb"]
-    late = ours["rss_end_mb"] - ours["rss_half_mb"]
-    baseline = bare["rss_end_mb"] - bare["rss_after_warmup_mb"]  # the same app, untraced
-    late_baseline = bare["rss_end_mb"] - bare["rss_half_mb"]
-    assert late < late_baseline + 8, (ours, bare)  # 2 KB kept per request: +11.7 MB over 6,000
-    assert growth < baseline + 25, (ours, bare)
+    # Bounded buffers (MLflow's 1,000 traces and 1,000 export tasks, the spool's 200-trace
+    # hand-off) may still be filling after the warm-up; how fast depends on the machine's load
+    # (17.9 MB seen with other work on 2 cores; once +12 MB in the second half, in CI, where 4 of 4
+    # runs here under two CPU hogs gave +1.6 to +3.0 MB with the spool on or off). A leak grows
+    # with the requests: a first run over the bounds is run again twice as long, where a leak of
+    # 2 KB a request (the bug this catches: +11.7 MB over 6,000) shows twice as large.
+    late, growth, ours, bare = excess(adapter, REQUESTS)
+    if late >= 8 or growth >= 25:
+        late, growth, ours, bare = excess(adapter, 2 * REQUESTS)
+    assert late < 8, (ours, bare)
+    assert growth < 25, (ours, bare)
 
 
 def test_the_server_keeps_nothing_of_a_request_once_answered(served: tuple[str, str]) -> None:
