@@ -163,7 +163,11 @@ def test_concurrent_requests_each_get_exactly_their_own_trace(served: tuple[str,
 
     async def burst() -> dict[str, int]:
         gate = asyncio.Semaphore(CONCURRENCY)
-        limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+        # Idle connections expire before uvicorn's 5 s keep-alive does: at the same 5 s (httpx's
+        # default) a request can go out on a connection the server is closing (an httpx.ReadError
+        # in CI's load run, on a loaded machine).
+        limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY,
+                              keepalive_expiry=2.0)  # fmt: skip
         async with httpx.AsyncClient(timeout=60, limits=limits) as client:
             pairs = await asyncio.gather(*(one(client, gate, i) for i in range(LOAD)))
         return {trace_id: i for i, trace_id in pairs}
