@@ -192,8 +192,8 @@ def summarise(experiment_id: str, since_ms: int, traces: list, html: Path | None
         print(f"app_version {result.a.group} -> {result.b.group}:")
         for test in result.tests:
             verdict = "more than noise" if test.significant else "within noise"
-            print(f"  {test.metric:<15} {test.a!s:>8.6} -> {test.b!s:<8.6} p={test.p_value or 1:.3f} "
-                  f"({test.method}: {verdict})")  # fmt: skip
+            p = "-" if test.p_value is None else f"{test.p_value:.3f}"
+            print(f"  {test.metric:<15} {test.a!s:>8.6} -> {test.b!s:<8.6} p={p} ({test.method}: {verdict})")
     print("\nunhappiest sessions (most thumbs down), turns in order:")
     for group in analytics.worst(rows, "session", limit=3):
         turns = analytics.session_turns(rows, group.group or "")
@@ -202,9 +202,8 @@ def summarise(experiment_id: str, since_ms: int, traces: list, html: Path | None
     print("\nfeedback:")
     for summary in analytics.summarise(None, rows).feedback:
         share = "-" if summary.positive_share is None else f"{summary.positive_share:.0%}"
-        print(
-            f"  {summary.name:<14} {summary.count} ratings, positive {share}, mean {summary.mean_score:.2f}"
-        )
+        mean = "-" if summary.mean_score is None else f"{summary.mean_score:.2f}"
+        print(f"  {summary.name:<14} {summary.count} ratings, positive {share}, mean {mean}")
     print("\nas MLflow's trace list shows them (request -> response):")
     for trace in sorted(traces, key=lambda t: t.info.request_time)[:3]:
         print(f"  {trace.info.request_preview or '-'!s:<40.40} -> {trace.info.response_preview or '-'!s:.40}")
