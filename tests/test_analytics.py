@@ -338,3 +338,22 @@ def test_the_html_report_renders_offline_in_chromium(rows: list[TraceRow], tmp_p
     assert errors == []
     assert [url for url in fetched if not url.startswith("file:")] == []  # offline: nothing fetched
     assert (tmp_path / "report.png").stat().st_size > 20_000
+
+
+def test_the_html_report_escapes_what_clients_sent() -> None:
+    """User and session ids come from request headers: on the page they are text, never markup."""
+    pytest.importorskip("plotly", reason="the [analytics] extra")
+    from mlflow_ctx_mw.analytics.fetch import Feedback
+    from mlflow_ctx_mw.analytics.html import render
+
+    hostile = "<script>alert(1)</script>"
+    rows = [
+        TraceRow(trace_id=f"tr-{i:032x}", time_ms=1_800_000_000_000 + i, duration_ms=5.0, ok=True,
+                 route=f"GET /{hostile}", user=hostile, session=f"s{hostile}", app_version=hostile,
+                 deployment=None, region=None, feedback=(Feedback("user_feedback", False, 0),))
+        for i in range(3)
+    ]  # fmt: skip
+    page = render(rows, by="user", experiment=hostile, experiment_id="1", tracking_uri="http://mlflow",
+                  window="1d")  # fmt: skip
+    assert hostile not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # in the tables and the title, as text
